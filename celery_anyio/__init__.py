@@ -1,0 +1,29 @@
+"""celery_anyio: run ``async def`` Celery tasks on one AnyIO event loop per worker.
+
+``celery -A proj worker -P celery_anyio:Pool --backend=trio``
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import patches
+from .errors import WrongPoolError
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["Pool", "WrongPoolError", "__version__"]
+__version__ = "0.1.0"
+
+patches.install_app_hooks()
+
+
+def __getattr__(name: str) -> Any:
+    # Keep `import celery_anyio` light: the CLI plugin imports it for every
+    # `celery` command.
+    if name == "Pool":
+        from .pool import Pool
+
+        return Pool
+    raise AttributeError(name)

@@ -1,0 +1,164 @@
+"""One Celery job on the loop: limits, cancel scopes and Celery's callbacks.
+
+Celery hands the pool a tracer (``fast_trace_task``/``trace_task_ret``) and four
+callbacks bound to the worker's ``Request``.  :class:`JobRunner` runs the tracer
+in the bridge (async tasks) or a worker thread (sync tasks) inside cancel scopes
+the pool owns, and reports the outcome exactly as billiard would:
+
+* ``accept_callback(job_id, monotonic())`` when the job starts;
+* ``callback((failed, retval, runtime))`` when the tracer returns;
+* ``error_callback(ExceptionInfo)`` when something escapes the tracer;
+* ``timeout_callback(soft, seconds)`` for time limits, and nothing else after a
+  hard limit;
+* nothing at all for a job cancelled through ``terminate_job`` (the ``Request``
+  announces that itself) or by a cold shutdown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from time import monotonic
+from typing import Any
+
+import anyio
+from anyio import CancelScope, CapacityLimiter
+from billiard.einfo import ExceptionInfo
+from celery.exceptions import SoftTimeLimitExceeded
+
+from . import bridge
+from .context import job_identity
+
+logger = logging.getLogger(__name__)
+
+_job_ids = itertools.count(1)
+
+Callback = Callable[..., Any]
+
+
+@dataclass(eq=False)
+class Job:
+    """What ``Pool.on_apply`` received, plus the scope that can cancel it."""
+
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    is_async: bool
+    callback: Callback | None = None
+    accept_callback: Callback | None = None
+    error_callback: Callback | None = None
+    timeout_callback: Callback | None = None
+    soft_timeout: float | None = None
+    timeout: float | None = None
+    correlation_id: str | None = None
+    id: int = field(default_factory=lambda: next(_job_ids))
+    accepted: bool = False
+    terminated: bool = False
+    scope: CancelScope | None = None
+    soft_scope: CancelScope | None = None
+
+    @property
+    def task_name(self) -> str:
+        return str(self.args[0]) if self.args else repr(self.target)
+
+    def terminate(self, signal: Any = None) -> None:
+        """Celery's ``Request.terminate`` calls this on the apply result.
+
+        ``Pool.terminate_job`` has already cancelled an accepted job; a job not
+        yet accepted is left to ``Request``'s terminate-on-accept path.
+        """
+
+
+class JobRunner:
+    """Runs jobs on the loop thread under the pool's limits."""
+
+    def __init__(self, concurrency: int, thread_limit: int) -> None:
+        self.limiter = CapacityLimiter(concurrency)
+        self.thread_limiter = CapacityLimiter(thread_limit)
+        self.jobs: dict[int, Job] = {}
+        self.running = 0
+        self.discarding = False
+        self.after_callbacks: Callable[[], None] = lambda: None
+
+    async def run(self, job: Job) -> None:
+        try:
+            async with self.limiter:
+                if job.terminated or self.discarding:
+                    return
+                self.running += 1
+                try:
+                    await self._run_accepted(job)
+                finally:
+                    self.running -= 1
+        finally:
+            self.jobs.pop(job.id, None)
+
+    async def _run_accepted(self, job: Job) -> None:
+        job_identity.set(job)
+        deadline = monotonic() + job.timeout if job.timeout else math.inf
+        outcome: tuple[str, Any] = ("cancelled", None)
+        with CancelScope(deadline=_anyio_deadline(deadline)) as scope:
+            job.scope = scope
+            job.accepted = True
+            self._call(job.accept_callback, job.id, monotonic())
+            try:
+                outcome = ("done", await self._trace(job))
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException:  # noqa: BLE001 - one job never tears down the root
+                outcome = ("error", ExceptionInfo())
+        if job.terminated or self.discarding:
+            return  # Request announces terminate/cancel itself; cold shutdown: nothing
+        if scope.cancel_called:
+            logger.debug("job %s hit its hard time limit", job.id)
+            self._call(job.timeout_callback, False, job.timeout)
+        elif outcome[0] == "done":
+            self._call(job.callback, outcome[1])
+        elif outcome[0] == "error":
+            self._call(job.error_callback, outcome[1])
+        self.after_callbacks()
+
+    async def _trace(self, job: Job) -> Any:
+        if job.is_async:
+            return await bridge.run_bridged(
+                partial(job.target, **job.kwargs),
+                *job.args,
+                awaiter=lambda body: self._await_body(job, body),
+            )
+        return await anyio.to_thread.run_sync(
+            _call_in_thread, job.target, job.args, job.kwargs, limiter=self.thread_limiter
+        )
+
+    async def _await_body(self, job: Job, body: Awaitable[Any]) -> Any:
+        """Await the task body under the soft time limit."""
+        if not job.soft_timeout:
+            return await body
+        with CancelScope(deadline=_anyio_deadline(monotonic() + job.soft_timeout)) as soft:
+            job.soft_scope = soft
+            return await body
+        # The soft scope caught the cancellation: the body did not handle it.
+        self._call(job.timeout_callback, True, job.soft_timeout)
+        raise SoftTimeLimitExceeded(job.soft_timeout)
+
+    def _call(self, callback: Callback | None, *args: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except BaseException:  # noqa: BLE001 - a Celery callback must not kill the loop
+            logger.exception("celery_anyio: %r failed", callback)
+
+
+def _call_in_thread(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return target(*args, **kwargs)
+
+
+def _anyio_deadline(monotonic_deadline: float) -> float:
+    """Convert a ``time.monotonic`` deadline to the running loop's clock."""
+    if math.isinf(monotonic_deadline):
+        return math.inf
+    return anyio.current_time() + (monotonic_deadline - monotonic())

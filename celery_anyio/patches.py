@@ -1,0 +1,160 @@
+"""Every change celery_anyio makes to Celery's own objects, each switchable.
+
+Set ``CELERY_ANYIO_DISABLE_PATCHES`` to a comma-separated list of patch names
+to switch patches off (``all`` switches off every one):
+
+``stacks``
+    Key ``task.request_stack`` and ``celery._state._task_stack`` by the running
+    job (see :mod:`celery_anyio.context`) instead of by thread or greenlet.
+    Without it ``self.request`` and ``current_task`` mix up concurrent tasks.
+``tasks``
+    Wrap each ``async def`` task's ``run`` (see :mod:`celery_anyio.tasks`) so the
+    tracer awaits it, eager mode runs it, and other pools fail loudly.
+``cli``
+    Teach ``celery worker`` ``-P module:Class`` and ``--backend/--anyio-backend``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from celery import _state
+
+from .context import make_ident_func
+
+PATCHES = ("stacks", "tasks", "cli")
+BACKEND_SETTING = "worker_anyio_backend"
+
+
+def enabled(name: str) -> bool:
+    disabled = {
+        part.strip()
+        for part in os.environ.get("CELERY_ANYIO_DISABLE_PATCHES", "").split(",")
+    }
+    return name not in disabled and "all" not in disabled
+
+
+# -- stacks ------------------------------------------------------------------
+
+
+def patch_request_stacks(app: Any) -> None:
+    """Make the task stack and every task's request stack job-aware."""
+    if not enabled("stacks"):
+        return
+    stacks: list[Any] = [_state._task_stack]
+    stacks.extend(task.request_stack for task in app.tasks.values())
+    for stack in stacks:
+        _patch_stack(stack)
+
+
+def _patch_stack(stack: Any) -> None:
+    if not isinstance(type(stack).__dict__.get("__ident_func__"), property):
+        raise RuntimeError(
+            "celery_anyio needs Celery's LocalStack; unset USE_FAST_LOCALS "
+            f"(got {type(stack).__name__})"
+        )
+    current = stack.__ident_func__
+    if not getattr(current, "__celery_anyio__", False):
+        stack.__ident_func__ = make_ident_func(current)
+
+
+# -- tasks -------------------------------------------------------------------
+
+
+def wrap_async_tasks(app: Any) -> list[str]:
+    """Wrap every registered ``async def`` task of ``app``; return their names."""
+    from .tasks import is_async_task, wrap_run
+
+    if not enabled("tasks"):
+        return []
+    patch_request_stacks(app)
+    names = []
+    for name, task in app.tasks.items():
+        if is_async_task(task):
+            wrap_run(task)
+            names.append(name)
+    return names
+
+
+def install_app_hooks() -> None:
+    """Wrap async tasks of every app once it is finalized (covers eager mode)."""
+    if not enabled("tasks"):
+        return
+    for app in list(_state._get_active_apps()):
+        _hook_app(app)
+    _state.connect_on_app_finalize(_hook_app)
+
+
+def _hook_app(app: Any) -> None:
+    if app.finalized:
+        wrap_async_tasks(app)
+    else:
+        app.on_after_finalize.connect(_on_after_finalize, weak=False)
+
+
+def _on_after_finalize(sender: Any, **_: Any) -> None:
+    wrap_async_tasks(sender)
+
+
+# -- cli ---------------------------------------------------------------------
+
+
+def patch_worker_cli(backends: Iterable[str]) -> None:
+    """Accept ``-P module:Class`` and add ``--backend`` to ``celery worker``."""
+    if not enabled("cli"):
+        return
+    import click
+    from celery import concurrency
+    from celery.bin import worker as worker_cli
+    from celery.bin.base import CeleryOption
+
+    pool_type = worker_cli.WorkersPool
+    if getattr(pool_type, "_celery_anyio_patched", False):
+        return
+    stock_convert = pool_type.convert
+
+    def convert(self: Any, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and ":" in value:
+            value = _import_pool(value, lambda message: self.fail(message, param, ctx))
+        return stock_convert(self, value, param, ctx)
+
+    pool_type.convert = convert
+    pool_type._celery_anyio_patched = True
+    concurrency.ALIASES.setdefault("anyio", "celery_anyio:Pool")
+    choices = list(worker_cli.WORKERS_POOL.choices)
+    if "anyio" not in choices:
+        worker_cli.WORKERS_POOL.choices = (*choices, "anyio")
+
+    def store_backend(ctx: Any, param: Any, value: str | None) -> None:
+        if value is not None:
+            ctx.obj.app.conf[BACKEND_SETTING] = value
+
+    worker_cli.worker.params.append(
+        CeleryOption(
+            ["--backend", "--anyio-backend"],
+            type=click.Choice(list(backends)),
+            default=None,
+            expose_value=False,
+            callback=store_backend,
+            help_group="Pool Options",
+            help=(
+                "Event loop for -P celery_anyio:Pool (default: the "
+                f"{BACKEND_SETTING} setting, else asyncio)."
+            ),
+        )
+    )
+
+
+def _import_pool(path: str, fail: Any) -> Any:
+    from celery.concurrency.base import BasePool
+    from kombu.utils.imports import symbol_by_name
+
+    try:
+        pool = symbol_by_name(path)
+    except Exception as exc:  # noqa: BLE001 - reported as a usage error
+        fail(f"cannot import pool {path!r}: {exc!r}")
+    if not (isinstance(pool, type) and issubclass(pool, BasePool)):
+        fail(f"{path!r} is not a celery.concurrency.base.BasePool subclass")
+    return pool

@@ -1,0 +1,94 @@
+"""How an ``async def`` task's ``run`` behaves depending on who calls it.
+
+The wrapper installed on each async task decides, from the request on the
+task's own stack:
+
+* called directly (``await my_task(x)``, ``my_task(x)``): return the coroutine;
+* called by the tracer inside this pool's bridge: await it on the worker loop;
+* called by the tracer in eager mode (``apply()``, ``task_always_eager``): run
+  it to completion on a fresh event loop and return its value;
+* called by the tracer of any other pool: raise :class:`WrongPoolError`
+  instead of "succeeding" with an unawaited coroutine.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from . import bridge
+from .context import job_identity
+from .errors import WrongPoolError
+
+_WRAPPED = "__celery_anyio_run__"
+
+
+def original_run(task: Any) -> Callable[..., Any]:
+    run = task.run
+    if getattr(run, _WRAPPED, False):
+        return run.__wrapped__  # type: ignore[no-any-return]
+    return run  # type: ignore[no-any-return]
+
+
+def is_async_task(task: Any) -> bool:
+    return inspect.iscoroutinefunction(original_run(task))
+
+
+def wrap_run(task: Any) -> bool:
+    """Install the dispatching ``run`` on ``task``; False if not async or done."""
+    run = task.run
+    if getattr(run, _WRAPPED, False) or not inspect.iscoroutinefunction(run):
+        return False
+
+    @functools.wraps(run)
+    def run_dispatch(*args: Any, **kwargs: Any) -> Any:
+        request = task.request_stack.top
+        if request is None or request.called_directly:
+            return run(*args, **kwargs)
+        if bridge.in_bridge():
+            return bridge.await_(run(*args, **kwargs))
+        if request.is_eager:
+            return run_to_completion(task, functools.partial(run, *args, **kwargs))
+        raise WrongPoolError(task.name)
+
+    setattr(run_dispatch, _WRAPPED, True)
+    task.run = run_dispatch
+    return True
+
+
+def run_to_completion(
+    task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any]]
+) -> Any:
+    """Run an async task body for eager mode, on its own short-lived loop.
+
+    Inside a running event loop (an eager call from async code) the body runs on
+    a helper thread, which keeps the caller's request stack visible to it.
+    """
+    backend = task.app.conf.get("worker_anyio_backend") or "asyncio"
+    try:
+        anyio.lowlevel.current_token()
+    except Exception:  # noqa: BLE001 - NoEventLoopError, or none of ours
+        return anyio.run(make_coro, backend=backend)
+
+    identity = task.request_stack.__ident_func__()
+    outcome: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        job_identity.set(identity)
+        try:
+            outcome["value"] = anyio.run(make_coro, backend=backend)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=in_thread, name="celery-anyio-eager")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
