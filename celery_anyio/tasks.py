@@ -29,8 +29,15 @@ from .errors import WrongPoolError
 _WRAPPED = "__celery_anyio_run__"
 
 
+def _body_attr(task: Any) -> str:
+    # ``autoretry_for`` moves the body to ``_orig_run`` behind a sync wrapper
+    # that catches its exceptions; our dispatcher goes beneath that wrapper so
+    # Celery's own autoretry logic sees the awaited body's exceptions.
+    return "_orig_run" if getattr(task, "_orig_run", None) is not None else "run"
+
+
 def original_run(task: Any) -> Callable[..., Any]:
-    run = task.run
+    run = getattr(task, _body_attr(task))
     if getattr(run, _WRAPPED, False):
         return run.__wrapped__  # type: ignore[no-any-return]
     return run  # type: ignore[no-any-return]
@@ -41,8 +48,9 @@ def is_async_task(task: Any) -> bool:
 
 
 def wrap_run(task: Any) -> bool:
-    """Install the dispatching ``run`` on ``task``; False if not async or done."""
-    run = task.run
+    """Install the dispatching body on ``task``; False if not async or done."""
+    attr = _body_attr(task)
+    run = getattr(task, attr)
     if getattr(run, _WRAPPED, False) or not inspect.iscoroutinefunction(run):
         return False
 
@@ -58,7 +66,7 @@ def wrap_run(task: Any) -> bool:
         raise WrongPoolError(task.name)
 
     setattr(run_dispatch, _WRAPPED, True)
-    task.run = run_dispatch
+    setattr(task, attr, run_dispatch)
     return True
 
 

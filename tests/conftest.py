@@ -1,0 +1,75 @@
+"""Fixtures: real brokers, a per-run namespace, and `celery worker` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from .harness import BROKERS, Client, Namespace, Worker, broker_available
+
+POOL_BACKENDS = ("asyncio", "trio")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--broker",
+        action="append",
+        choices=sorted(BROKERS),
+        help="run worker tests on this broker only (repeatable; default: all)",
+    )
+    parser.addoption(
+        "--pool-backend",
+        action="append",
+        choices=POOL_BACKENDS,
+        help="run worker tests on this AnyIO backend only (repeatable; default: all)",
+    )
+
+
+def _selected(config: pytest.Config, option: str, env: str, default: tuple[str, ...]) -> list[str]:
+    chosen = config.getoption(option) or [v for v in os.environ.get(env, "").split(",") if v]
+    return list(chosen or default)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    config = metafunc.config
+    if "broker" in metafunc.fixturenames:
+        brokers = _selected(config, "--broker", "CELERY_ANYIO_BROKERS", tuple(sorted(BROKERS)))
+        metafunc.parametrize("broker", brokers, scope="session")
+    if "pool_backend" in metafunc.fixturenames:
+        backends = _selected(config, "--pool-backend", "CELERY_ANYIO_BACKENDS", POOL_BACKENDS)
+        metafunc.parametrize("pool_backend", backends, scope="session")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def namespace(broker: str, run_id: str) -> Namespace:
+    if not broker_available(broker):
+        pytest.fail(f"{broker} is not reachable: start it (see .ci/run)")
+    return Namespace.create(broker, run_id)
+
+
+@pytest.fixture(scope="session")
+def worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+    """A shared worker per broker and backend, at -c 200."""
+    queue = namespace.queue(f"shared-{pool_backend}")
+    with Worker(namespace, queue, ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "200"]) as w:
+        yield w
+
+
+@pytest.fixture(scope="session")
+def client(namespace: Namespace, worker: Worker) -> Iterator[Client]:
+    c = namespace.client(worker.queue)
+    yield c
+    c.close()

@@ -1,0 +1,169 @@
+"""Start real `celery worker` processes against this machine's brokers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("CELERY_ANYIO_REDIS", "redis://127.0.0.1:6379")
+AMQP_URL = os.environ.get("CELERY_ANYIO_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}
+# Redis databases 1-15 are shared by concurrent test runs: each run picks one by
+# its id and also namespaces every queue, so runs never see each other's messages.
+RESULTS_DB_RANGE = range(1, 16)
+
+
+def broker_available(broker: str) -> bool:
+    url = urlparse(BROKERS[broker])
+    try:
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 0), 2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Namespace:
+    """Broker/result URLs and queue names that belong to one test run."""
+
+    broker: str
+    run_id: str
+    broker_url: str
+    results_url: str
+
+    @classmethod
+    def create(cls, broker: str, run_id: str) -> Namespace:
+        db = RESULTS_DB_RANGE[int(run_id, 16) % len(RESULTS_DB_RANGE)]
+        results = f"{REDIS_URL}/{db}"
+        broker_url = results if broker == "redis" else AMQP_URL
+        return cls(broker, run_id, broker_url, results)
+
+    def queue(self, name: str) -> str:
+        return f"celery-anyio-test-{self.run_id}-{name}"
+
+    def env(self, queue: str, conf: dict[str, Any] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            CELERY_ANYIO_TEST_BROKER=self.broker_url,
+            CELERY_ANYIO_TEST_RESULTS=self.results_url,
+            CELERY_ANYIO_TEST_QUEUE=queue,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        )
+        env.pop("CELERY_ANYIO_TEST_CONF", None)
+        if conf:
+            env["CELERY_ANYIO_TEST_CONF"] = json.dumps(conf)
+        return env
+
+    def client(self, queue: str) -> Client:
+        """A client app whose messages go to ``queue``."""
+        app = Celery("client", broker=self.broker_url, backend=self.results_url, set_as_current=False)
+        app.conf.update(task_default_queue=queue, result_expires=600)
+        return Client(app)
+
+
+@dataclass
+class Client:
+    """Sends the worker app's tasks by name, as any other program would."""
+
+    app: Celery
+
+    def sig(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        return self.app.signature(f"tests.workerapp.{task}", args=args, kwargs=kwargs)
+
+    def send(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        return self.sig(task, *args, **kwargs).apply_async()
+
+    def close(self) -> None:
+        self.app.close()
+
+
+@dataclass
+class Worker:
+    """A `python -m celery -A tests.workerapp worker ...` process on ``queue``."""
+
+    namespace: Namespace
+    queue: str
+    args: list[str]
+    conf: dict[str, Any] | None = None
+    app_module: str = "tests.workerapp"
+    ready_timeout: float = 30.0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
+    name: str = ""
+
+    def command(self) -> list[str]:
+        self.name = f"{self.queue}-{os.getpid()}-{time.monotonic_ns()}@%h"
+        return [
+            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
+            "-Q", self.queue, "-n", self.name, "-l", "info",
+            "--without-mingle", "--without-gossip", *self.args,
+        ]  # fmt: skip
+
+    def start(self) -> Worker:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=ROOT,
+            env=self.namespace.env(self.queue, self.conf),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"worker not ready in {self.ready_timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+            raise
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is not None:
+            sys.stderr.write(f"--- worker log {self.log_path} ---\n{self.log()[-20000:]}\n")

@@ -1,0 +1,118 @@
+"""A real `celery worker -P celery_anyio:Pool` on Redis and RabbitMQ, both backends."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from celery import chain, chord, group
+
+from .harness import Client, Worker
+
+pytestmark = pytest.mark.worker
+
+
+def test_200_sleeping_tasks_run_concurrently(client: Client) -> None:
+    started = time.monotonic()
+    results = [client.send("sleepy", i, 0.5) for i in range(200)]
+    assert sorted(r.get(timeout=60) for r in results) == list(range(200))
+    elapsed = time.monotonic() - started
+    # Serially this is 100 s; concurrently it is one sleep plus overhead.
+    assert elapsed < 10, elapsed
+
+
+def test_bound_tasks_see_their_own_request(client: Client) -> None:
+    results = [client.send("whoami", 0.05 + (i % 7) / 100) for i in range(200)]
+    for result in results:
+        seen = result.get(timeout=60)
+        assert seen["before"] == seen["after"] == seen["current"] == result.id
+        assert seen["thread"] == result.id  # anyio.to_thread keeps the task's context
+        assert seen["child"] == result.id  # so does a child task of the body's task group
+        assert seen["prerun_mismatches"] == 0  # task_prerun saw the right current_task
+
+
+def test_sync_tasks_run_in_threads_next_to_async_ones(client: Client) -> None:
+    sleepers = [client.send("sleepy", i, 0.3) for i in range(50)]
+    adds = [client.send("sync_add", i, i) for i in range(50)]
+    assert [r.get(timeout=30)["sum"] for r in adds] == [2 * i for i in range(50)]
+    threads = {r.get(timeout=30)["thread"] for r in adds}
+    assert all(name != "celery-anyio-loop" for name in threads)
+    assert sorted(r.get(timeout=30) for r in sleepers) == list(range(50))
+
+
+def test_retry_and_autoretry(client: Client) -> None:
+    retried = client.send("flaky", 2)
+    auto = client.send("auto_flaky", 2)
+    assert retried.get(timeout=30) == 2
+    assert auto.get(timeout=30) == 2
+
+
+def test_failure_state_and_traceback(client: Client) -> None:
+    result = client.send("boom", "kaput")
+    with pytest.raises(Exception, match="kaput") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "ValueError"
+    assert result.state == "FAILURE"
+    assert "boom" in (result.traceback or "")
+
+
+def test_update_state_is_visible_while_running(client: Client) -> None:
+    result = client.send("progress")
+    deadline = time.monotonic() + 10
+    while result.state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert result.state == "PROGRESS"
+    assert result.info == {"step": 1}
+    assert result.get(timeout=10) == "done"
+
+
+def test_ignore_result_still_runs_the_body(client: Client) -> None:
+    import redis
+
+    key = f"celery-anyio-test:{uuid.uuid4().hex}"
+    client.send("mark", key)
+    store = redis.Redis.from_url(client.app.conf.result_backend)
+    deadline = time.monotonic() + 10
+    while store.get(key) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get(key) == b"ran"
+
+
+def test_canvas_chain_group_chord(client: Client) -> None:
+    assert chain(client.sig("add", 1, 2), client.sig("add", 3)).apply_async().get(timeout=30) == 6
+    assert group(client.sig("add", i, i) for i in range(10)).apply_async().get(timeout=30) == [
+        2 * i for i in range(10)
+    ]
+    header = [client.sig("add", i, 1) for i in range(10)]
+    assert chord(header)(client.sig("total")).get(timeout=30) == sum(range(1, 11))
+
+
+def test_countdown_and_expires(client: Client) -> None:
+    started = time.monotonic()
+    assert client.sig("add", 1, 1).apply_async(countdown=1).get(timeout=30) == 2
+    assert time.monotonic() - started >= 1
+    expired = client.sig("add", 1, 1).apply_async(countdown=1, expires=0.5)
+    with pytest.raises(Exception) as info:
+        expired.get(timeout=30)
+    assert expired.state == "REVOKED", info.value
+
+
+def test_inspect_stats_shows_the_pool(client: Client, worker: Worker, pool_backend: str) -> None:
+    replies = client.app.control.inspect(timeout=5).stats() or {}
+    pool = next(v["pool"] for k, v in replies.items() if k.startswith(worker.queue))
+    assert pool["implementation"] == "celery_anyio.pool:Pool"
+    assert pool["backend"] == pool_backend
+    assert pool["max-concurrency"] == 200
+
+
+def test_no_errors_in_worker_log(client: Client, worker: Worker) -> None:
+    client.send("add", 1, 1).get(timeout=30)
+    log = worker.log()
+    assert "never awaited" not in log
+    unexpected = [
+        line
+        for line in log.splitlines()
+        if ("ERROR" in line or "CRITICAL" in line) and "tests.workerapp.boom" not in line
+    ]
+    assert not unexpected, unexpected
