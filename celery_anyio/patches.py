@@ -83,15 +83,16 @@ def install_app_hooks() -> None:
     if not enabled("tasks"):
         return
     for app in list(_state._get_active_apps()):
-        _hook_app(app)
-    _state.connect_on_app_finalize(_hook_app)
+        if app.finalized:
+            wrap_async_tasks(app)
+        else:
+            _wrap_after_finalize(app)
+    # Called inside app.finalize(), before pending tasks are evaluated.
+    _state.connect_on_app_finalize(_wrap_after_finalize)
 
 
-def _hook_app(app: Any) -> None:
-    if app.finalized:
-        wrap_async_tasks(app)
-    else:
-        app.on_after_finalize.connect(_on_after_finalize, weak=False)
+def _wrap_after_finalize(app: Any) -> None:
+    app.on_after_finalize.connect(_on_after_finalize, weak=False)
 
 
 def _on_after_finalize(sender: Any, **_: Any) -> None:

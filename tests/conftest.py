@@ -33,9 +33,16 @@ def _selected(config: pytest.Config, option: str, env: str, default: tuple[str, 
     return list(chosen or default)
 
 
+def _explicitly_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
+    return any(
+        name in (m.args[0] if isinstance(m.args[0], (list, tuple)) else m.args[0].split(","))
+        for m in metafunc.definition.iter_markers("parametrize")
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
-    if "broker" in metafunc.fixturenames:
+    if "broker" in metafunc.fixturenames and not _explicitly_parametrized(metafunc, "broker"):
         brokers = _selected(config, "--broker", "CELERY_ANYIO_BROKERS", tuple(sorted(BROKERS)))
         metafunc.parametrize("broker", brokers, scope="session")
     if "pool_backend" in metafunc.fixturenames:

@@ -137,3 +137,28 @@ async def mark(key: str) -> None:
 async def late_sleepy(x: int, seconds: float) -> int:
     await anyio.sleep(seconds)
     return x
+
+
+_tally_store: Any = None
+
+
+def _tally(key: str, member: str) -> None:
+    global _tally_store
+    if _tally_store is None:
+        import redis
+
+        _tally_store = redis.Redis.from_url(app.conf.result_backend)
+    _tally_store.hincrby(key, member, 1)
+
+
+@app.task(ignore_result=True)
+async def tally(key: str, member: str) -> None:
+    """Count executions per message: lost ones are missing, redelivered ones count 2."""
+    await anyio.sleep(0)
+    _tally(key, member)
+
+
+@app.task(ignore_result=True, acks_late=True)
+async def tally_late(key: str, member: str) -> None:
+    await anyio.sleep(0)
+    _tally(key, member)

@@ -1,0 +1,100 @@
+"""The Celery app the benchmark workers run (``celery -A benchmarks.benchapp worker``).
+
+Broker, result backend and queue come from the environment, so every
+configuration and run of the harness uses its own queue.  Each workload has an
+``async def`` version (for ``-P celery_anyio:Pool``) and a plain one (for the
+stock pools); all of them store a result, ``[sent, started, finished]``, where
+``sent`` is the publisher's timestamp passed in the arguments (0 when unused)
+and the other two are ``time.time()`` readings taken by the task body.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import anyio
+from celery import Celery, signals
+
+BROKER_ENV = "CELERY_ANYIO_BENCH_BROKER"
+RESULTS_ENV = "CELERY_ANYIO_BENCH_RESULTS"
+QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+READY_MARKER = "celery-anyio-bench: worker ready. ts="
+
+app = Celery(
+    "benchapp",
+    broker=os.environ.get(BROKER_ENV, DEFAULT_REDIS),
+    backend=os.environ.get(RESULTS_ENV, DEFAULT_REDIS),
+)
+app.conf.update(
+    task_default_queue=os.environ.get(QUEUE_ENV, "celery-anyio-bench"),
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+)
+
+logger = logging.getLogger("celery_anyio.bench")
+
+Timings = list[float]
+
+
+@signals.worker_ready.connect
+def _announce_ready(**_: Any) -> None:
+    # Celery logs its own "ready." line at INFO; the harness runs workers at
+    # WARNING, so announce readiness (with a precise timestamp) ourselves.
+    logger.warning("%s%.6f", READY_MARKER, time.time())
+
+
+def _burn_cpu(ms: float) -> None:
+    """Spin until this thread has used ``ms`` milliseconds of CPU."""
+    deadline = time.thread_time() + ms / 1000.0
+    while time.thread_time() < deadline:
+        pass
+
+
+# -- async versions (celery_anyio) -----------------------------------------------
+
+
+@app.task(name="bench.noop_async")
+async def noop_async(sent: float = 0.0) -> Timings:
+    now = time.time()
+    return [sent, now, now]
+
+
+@app.task(name="bench.io_async")
+async def io_async(seconds: float, sent: float = 0.0) -> Timings:
+    started = time.time()
+    await anyio.sleep(seconds)
+    return [sent, started, time.time()]
+
+
+@app.task(name="bench.cpu_async")
+async def cpu_async(ms: float, sent: float = 0.0) -> Timings:
+    started = time.time()
+    _burn_cpu(ms)
+    return [sent, started, time.time()]
+
+
+# -- sync versions (threads, solo, prefork, gevent) ----------------------------------
+
+
+@app.task(name="bench.noop_sync")
+def noop_sync(sent: float = 0.0) -> Timings:
+    now = time.time()
+    return [sent, now, now]
+
+
+@app.task(name="bench.io_sync")
+def io_sync(seconds: float, sent: float = 0.0) -> Timings:
+    started = time.time()
+    time.sleep(seconds)
+    return [sent, started, time.time()]
+
+
+@app.task(name="bench.cpu_sync")
+def cpu_sync(ms: float, sent: float = 0.0) -> Timings:
+    started = time.time()
+    _burn_cpu(ms)
+    return [sent, started, time.time()]

@@ -1,0 +1,50 @@
+"""Acks and publishes under load: 20,000 tasks, none lost, none run twice."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from .harness import Namespace, Worker
+
+pytestmark = pytest.mark.worker
+
+TASKS = 20_000
+
+
+def test_20000_tasks_none_lost_none_twice(namespace: Namespace, pool_backend: str) -> None:
+    queue = namespace.queue(f"load-{pool_backend}")
+    key = f"celery-anyio-test:tally:{uuid.uuid4().hex}"
+    store = redis.Redis.from_url(namespace.results_url)
+    client = namespace.client(queue)
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "500"]
+    try:
+        with Worker(namespace, queue, args) as worker:
+            with client.app.producer_or_acquire() as producer:
+                for i in range(TASKS):
+                    name = "tally_late" if i % 2 else "tally"
+                    client.sig(name, key, str(i)).apply_async(producer=producer)
+            deadline = time.monotonic() + 180
+            while store.hlen(key) < TASKS and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(1)  # let any duplicate delivery show up
+            counts = store.hgetall(key)
+            assert len(counts) == TASKS, f"{TASKS - len(counts)} lost"
+            twice = {k: v for k, v in counts.items() if v != b"1"}
+            assert not twice, f"{len(twice)} ran more than once"
+        log = worker.log()
+        for marker in ("ChannelError", "PRECONDITION_FAILED", "unknown delivery tag",
+                       "Unrecoverable error", "CRITICAL", "ERROR"):  # fmt: skip
+            assert marker not in log, marker
+        if namespace.broker == "redis":  # an empty queue is no key at all in Redis
+            messages = store.llen(queue)
+        else:
+            with client.app.connection_for_read() as conn:
+                _, messages, _ = conn.default_channel.queue_declare(queue, passive=True)
+        assert messages == 0
+    finally:
+        store.delete(key)
+        client.close()
