@@ -382,7 +382,9 @@ class Results:
         first chunk that is not complete yet: tasks finish roughly in order, so
         each poll costs a couple of cheap commands.
         """
-        chunks = [[RESULT_PREFIX + i for i in ids[k : k + CHUNK]] for k in range(0, len(ids), CHUNK)]
+        chunks = [
+            [RESULT_PREFIX + i for i in ids[k : k + CHUNK]] for k in range(0, len(ids), CHUNK)
+        ]
         done = partial = 0
         deadline = time.monotonic() + timeout
         while True:
@@ -556,7 +558,7 @@ def forget_redis_bindings(url: str, run_id: str) -> int:
     client = redis.Redis.from_url(url)
     removed = 0
     try:
-        for key in client.scan_iter(match="_kombu.binding*", count=1000):
+        for key in client.scan_iter(match="_kombu.binding*", count=1000, _type="set"):
             members = [m for m in client.smembers(key) if run_id.encode() in m]
             if members:
                 removed += int(client.srem(key, *members))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import time
 import uuid
 from typing import Any
@@ -55,7 +54,7 @@ def _drain(conn: Connection, queue: Queue, n: int, prefetch: int) -> float:
         while received < n:
             try:
                 conn.drain_events(timeout=30)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise RuntimeError(f"kombu raw: only {received}/{n} messages after 30s") from exc
     elapsed = time.perf_counter() - start
     channel.close()

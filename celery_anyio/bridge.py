@@ -35,7 +35,7 @@ def await_(awaitable: Awaitable[T]) -> T:
     """Await ``awaitable`` on the loop from synchronous code in a bridge greenlet."""
     current = getcurrent()
     if not isinstance(current, _TracerGreenlet):
-        raise RuntimeError("await_() called outside a celery_anyio bridge")
+        raise RuntimeError("await_() called outside a celery_anyio bridge")  # noqa: TRY004
     result: T = current.parent.switch(awaitable)
     return result
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 
-job_identity: ContextVar[Hashable | None] = ContextVar(
-    "celery_anyio_job_identity", default=None
-)
+job_identity: ContextVar[Hashable | None] = ContextVar("celery_anyio_job_identity", default=None)
 
 
 def make_ident_func(fallback: Callable[[], Hashable]) -> Callable[[], Hashable]:

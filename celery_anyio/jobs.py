@@ -149,11 +149,13 @@ class JobRunner:
             return
         try:
             callback(*args)
-        except BaseException:  # noqa: BLE001 - a Celery callback must not kill the loop
+        except BaseException:
             logger.exception("celery_anyio: %r failed", callback)
 
 
-def _call_in_thread(target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _call_in_thread(
+    target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     return target(*args, **kwargs)
 
 

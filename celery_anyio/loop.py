@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -21,7 +21,7 @@ from . import _backends
 
 logger = logging.getLogger(__name__)
 
-Spawnable = Callable[..., Awaitable[Any]]
+Spawnable = Callable[..., Coroutine[Any, Any, Any]]
 
 
 class LoopThread:
@@ -107,7 +107,7 @@ class LoopThread:
     def _run(self) -> None:
         try:
             anyio.run(self._main, backend=self.backend, backend_options=self._run_options)
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
+        except BaseException as exc:
             self._error = exc
             if self._started.is_set():
                 logger.critical("celery_anyio event loop crashed", exc_info=True)

@@ -30,8 +30,7 @@ BACKEND_SETTING = "worker_anyio_backend"
 
 def enabled(name: str) -> bool:
     disabled = {
-        part.strip()
-        for part in os.environ.get("CELERY_ANYIO_DISABLE_PATCHES", "").split(",")
+        part.strip() for part in os.environ.get("CELERY_ANYIO_DISABLE_PATCHES", "").split(",")
     }
     return name not in disabled and "all" not in disabled
 
@@ -51,7 +50,7 @@ def patch_request_stacks(app: Any) -> None:
 
 def _patch_stack(stack: Any) -> None:
     if not isinstance(type(stack).__dict__.get("__ident_func__"), property):
-        raise RuntimeError(
+        raise RuntimeError(  # noqa: TRY004 - a configuration problem, not a type error
             "celery_anyio needs Celery's LocalStack; unset USE_FAST_LOCALS "
             f"(got {type(stack).__name__})"
         )
@@ -153,7 +152,7 @@ def _import_pool(path: str, fail: Any) -> Any:
     from kombu.utils.imports import symbol_by_name
 
     try:
-        pool = symbol_by_name(path)
+        pool = symbol_by_name(path)  # type: ignore[no-untyped-call]
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
         fail(f"cannot import pool {path!r}: {exc!r}")
     if not (isinstance(pool, type) and issubclass(pool, BasePool)):

@@ -9,6 +9,7 @@ thread, where acks are handed back to the consumer through the kombu hub.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -34,7 +35,7 @@ STOP_POLL_SECONDS = 0.5
 TERMINATE_GRACE_SECONDS = 10.0
 
 
-class Pool(BasePool):
+class Pool(BasePool):  # type: ignore[misc]
     """Runs ``async def`` tasks concurrently on one AnyIO event loop."""
 
     is_green = False  # keep the normal pidbox; we have no spawn_n
@@ -47,7 +48,7 @@ class Pool(BasePool):
         super().__init__(*args, **kwargs)
         conf = self.app.conf if self.app is not None else {}
         self.backend = resolve_backend(conf)
-        self.limit = int(self.limit or 1)
+        self.limit: int = int(self.limit or 1)
         self.thread_limit = int(
             conf.get(THREAD_LIMIT_SETTING) or min(self.limit, DEFAULT_THREAD_LIMIT)
         )
@@ -106,10 +107,9 @@ class Pool(BasePool):
     def _wake_consumer(self) -> None:
         waker = self._consumer_waker
         if waker is not None:
-            try:
+            # BlockingIOError: already due to wake up; OSError: closing.
+            with contextlib.suppress(OSError):
                 waker.send(b"\0")
-            except (BlockingIOError, OSError):
-                pass  # already due to wake up, or closing
 
     # -- work -----------------------------------------------------------------
 
@@ -221,7 +221,7 @@ class Pool(BasePool):
         return self.limit
 
     def _get_info(self) -> dict[str, Any]:
-        info = super()._get_info()
+        info: dict[str, Any] = super()._get_info()
         info.update(
             {
                 "backend": self.backend,

@@ -70,9 +70,7 @@ def wrap_run(task: Any) -> bool:
     return True
 
 
-def run_to_completion(
-    task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any]]
-) -> Any:
+def run_to_completion(task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run an async task body for eager mode, on its own short-lived loop.
 
     Inside a running event loop (an eager call from async code) the body runs on

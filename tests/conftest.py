@@ -71,7 +71,9 @@ def namespace(broker: str, run_id: str) -> Namespace:
 def worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
     """A shared worker per broker and backend, at -c 200."""
     queue = namespace.queue(f"shared-{pool_backend}")
-    with Worker(namespace, queue, ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "200"]) as w:
+    with Worker(
+        namespace, queue, ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "200"]
+    ) as w:
         yield w
 
 

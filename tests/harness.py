@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from celery import Celery
+from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("CELERY_ANYIO_REDIS", "redis://127.0.0.1:6379")
@@ -70,7 +71,9 @@ class Namespace:
 
     def client(self, queue: str) -> Client:
         """A client app whose messages go to ``queue``."""
-        app = Celery("client", broker=self.broker_url, backend=self.results_url, set_as_current=False)
+        app = Celery(
+            "client", broker=self.broker_url, backend=self.results_url, set_as_current=False
+        )
         app.conf.update(task_default_queue=queue, result_expires=600)
         return Client(app)
 
@@ -155,7 +158,7 @@ class Worker:
             self.process.wait(5)
             raise
 
-    def __enter__(self) -> Worker:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

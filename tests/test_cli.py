@@ -20,6 +20,7 @@ def celery(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
 
 
@@ -63,12 +64,16 @@ def test_config_selects_pool_and_backend(namespace: Namespace) -> None:
 def test_cli_backend_beats_config(namespace: Namespace) -> None:
     queue = namespace.queue("cli-over-config")
     conf = {"worker_anyio_backend": "trio"}
-    with Worker(namespace, queue, ["-P", "celery_anyio:Pool", "--anyio-backend", "asyncio"], conf=conf) as worker:
+    with Worker(
+        namespace, queue, ["-P", "celery_anyio:Pool", "--anyio-backend", "asyncio"], conf=conf
+    ) as worker:
         assert pool_stats(namespace, worker)["backend"] == "asyncio"
 
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
-def test_custom_pool_environment_variable(namespace: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_custom_pool_environment_variable(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CELERY_CUSTOM_WORKER_POOL", "celery_anyio:Pool")
     queue = namespace.queue("custom")
     with Worker(namespace, queue, ["-P", "custom"]) as worker:

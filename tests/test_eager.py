@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from celery import Celery
 
@@ -25,7 +26,7 @@ def app(request: pytest.FixtureRequest) -> Iterator[Celery]:
 
     @app.task(shared=False)
     async def fail() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise KeyError("nope")
 
     app.finalize()
@@ -55,7 +56,7 @@ def test_task_defined_after_finalize_is_wrapped_too(app: Celery) -> None:
 
     @app.task(shared=False)
     async def late(x: int) -> int:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return x + 1
 
     wrap_async_tasks(app)  # what a worker does at start

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from celery import Celery, current_task, signals
 
@@ -63,7 +64,7 @@ async def whoami(self: Any, seconds: float = 0.05) -> dict[str, Any]:
         seen: list[str] = []
 
         async def child() -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             seen.append(self.request.id)
 
         tg.start_soon(child)
@@ -102,8 +103,9 @@ async def flaky(self: Any, fail_times: int) -> int:
     return int(self.request.retries)
 
 
-@app.task(bind=True, autoretry_for=(ValueError,), retry_backoff=0.1, retry_jitter=False,
-          max_retries=4)
+@app.task(
+    bind=True, autoretry_for=(ValueError,), retry_backoff=0.1, retry_jitter=False, max_retries=4
+)
 async def auto_flaky(self: Any, fail_times: int) -> int:
     await anyio.sleep(0.01)
     if self.request.retries < fail_times:
@@ -154,11 +156,11 @@ def _tally(key: str, member: str) -> None:
 @app.task(ignore_result=True)
 async def tally(key: str, member: str) -> None:
     """Count executions per message: lost ones are missing, redelivered ones count 2."""
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     _tally(key, member)
 
 
 @app.task(ignore_result=True, acks_late=True)
 async def tally_late(key: str, member: str) -> None:
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     _tally(key, member)

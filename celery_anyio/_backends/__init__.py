@@ -24,7 +24,5 @@ class BackendModule(Protocol):
 
 def load(name: str) -> BackendModule:
     if name not in BACKENDS:
-        raise LookupError(
-            f"unknown AnyIO backend {name!r}: choose one of {', '.join(BACKENDS)}"
-        )
+        raise LookupError(f"unknown AnyIO backend {name!r}: choose one of {', '.join(BACKENDS)}")
     return cast(BackendModule, importlib.import_module(f"{__name__}._{name}"))

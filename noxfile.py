@@ -1,0 +1,65 @@
+"""Sessions: `nox -s ci` (what .ci/run runs), `nox -s tests` (the full matrix),
+`nox -s lint`, `nox -s typecheck`, `nox -s bench`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["ci", "lint", "typecheck"]
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+CELERY = {
+    "5.3": ["celery[redis]>=5.3,<5.4", "kombu>=5.3,<5.4"],
+    "5.7": ["celery[redis]>=5.7,<5.8", "kombu>=5.7,<5.8"],
+}
+BACKENDS = ["asyncio", "trio"]
+CI_PYTHON = "3.11"
+
+
+def _install(session: nox.Session, celery: str | None = None) -> None:
+    session.install("-e", ".", *nox.project.dependency_groups(nox.project.load_toml(), "test"))
+    if celery:
+        session.install(*CELERY[celery])
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "pytest", "--durations=10", *args, *session.posargs)
+
+
+@nox.session(python=CI_PYTHON)
+def ci(session: nox.Session) -> None:
+    """The suite on both backends and both brokers, newest Celery: what CI runs."""
+    _install(session)
+    _pytest(session)
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("celery", list(CELERY))
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, celery: str, backend: str) -> None:
+    """Full matrix: Python x Celery x backend; each run covers Redis and RabbitMQ."""
+    _install(session, celery)
+    session.env["CELERY_ANYIO_BACKENDS"] = backend
+    _pytest(session)
+
+
+@nox.session(python=CI_PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install(*nox.project.dependency_groups(nox.project.load_toml(), "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=CI_PYTHON)
+def typecheck(session: nox.Session) -> None:
+    _install(session)
+    session.install(*nox.project.dependency_groups(nox.project.load_toml(), "typecheck"))
+    session.run("mypy")
+
+
+@nox.session(python=CI_PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against Celery's own pools (see docs/benchmarks.md)."""
+    _install(session)
+    session.run("python", "benchmarks/run.py", *session.posargs)
