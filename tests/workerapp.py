@@ -164,3 +164,96 @@ async def tally(key: str, member: str) -> None:
 async def tally_late(key: str, member: str) -> None:
     await anyio.lowlevel.checkpoint()
     _tally(key, member)
+
+
+@app.task
+async def guarded(key: str, seconds: float) -> str:
+    """Sleeps; its ``finally`` records (shielded) that cleanup ran."""
+    try:
+        await anyio.sleep(seconds)
+        return "slept"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.01)
+            _tally(key, "finally")
+
+
+@app.task(bind=True)
+async def rejecting(self: Any) -> None:
+    from celery.exceptions import Reject
+
+    await anyio.sleep(0.01)
+    raise Reject("no thanks", requeue=False)
+
+
+@app.task(bind=True)
+async def ignoring(self: Any) -> None:
+    from celery.exceptions import Ignore
+
+    await anyio.sleep(0.01)
+    raise Ignore()
+
+
+@app.task(rate_limit="5/s")
+async def limited(i: int) -> float:
+    import time
+
+    await anyio.sleep(0)
+    return time.time()
+
+
+@app.task
+async def calls_other(x: int) -> int:
+    """``await other_task(...)`` inside a task is a plain call."""
+    return int(await add(x, x))
+
+
+class _Hooked(app.Task):  # type: ignore[name-defined,misc]
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        _tally(f"hooks:{args[0]}", f"on_success:{task_id}")
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        _tally(f"hooks:{args[0]}", f"on_failure:{task_id}")
+
+    def after_return(self, status: str, retval: Any, task_id: str, *rest: Any) -> None:
+        _tally(f"hooks:{rest[0][0]}", f"after_return:{status}:{task_id}")
+
+
+@app.task(base=_Hooked, bind=True)
+async def hooked(self: Any, key: str, fail: bool) -> str:
+    await anyio.sleep(0.01)
+    if fail:
+        raise RuntimeError("hooked failure")
+    return "ok"
+
+
+def _record_signal(name: str) -> Any:
+    def receiver(sender: Any = None, **kwargs: Any) -> None:
+        request = kwargs.get("request")
+        task_id = kwargs.get("task_id") or getattr(request, "id", None)
+        if task_id is None and sender is not None and hasattr(sender, "request"):
+            task_id = sender.request.id
+        args = kwargs.get("args") or getattr(request, "args", None)
+        if not args and sender is not None and hasattr(sender, "request"):
+            args = sender.request.args  # task_success carries only the result
+        args = args or ()
+        if args and isinstance(args[0], str) and args[0].startswith("sig:"):
+            current = current_task.request.id if current_task else None
+            _tally(args[0], f"{name}:{task_id}:{current == task_id}")
+
+    return receiver
+
+
+for _name in ("task_received", "task_prerun", "task_postrun", "task_success",
+              "task_failure", "task_retry"):  # fmt: skip
+    getattr(signals, _name).connect(_record_signal(_name), weak=False)
+
+
+@app.task(bind=True, max_retries=1)
+async def signalled(self: Any, key: str, fail: bool) -> str:
+    await anyio.sleep(0.01)
+    if fail and self.request.retries == 0:
+        raise self.retry(countdown=0.05)
+    if fail:
+        raise RuntimeError("signalled failure")
+    return "ok"
