@@ -159,6 +159,7 @@ class Worker:
     ready_ts: float = 0.0
     _log_offset: int = 0
     _log_tail: str = ""
+    _terminated_at: float = 0.0
 
     def command(self) -> list[str]:
         return [
@@ -217,6 +218,13 @@ class Worker:
     def process_rc(self) -> int | None:
         return self.process.returncode if self.process else None
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM) without waiting for it."""
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated_at = time.monotonic()
+
     def stop(self) -> None:
         """SIGTERM (warm shutdown), SIGKILL to the whole session after 20 s."""
         process = self.process
@@ -224,9 +232,11 @@ class Worker:
             return
         try:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                if not self._terminated_at:
+                    self.terminate()
+                grace = STOP_GRACE_SECONDS - (time.monotonic() - self._terminated_at)
                 try:
-                    process.wait(STOP_GRACE_SECONDS)
+                    process.wait(max(grace, 0.01))
                 except subprocess.TimeoutExpired:
                     _killpg(process.pid)
                     process.wait(5)
@@ -241,21 +251,31 @@ def _killpg(pgid: int) -> None:
 
 
 @atexit.register
-def stop_all_workers() -> None:
+def stop_all_workers(keep: Worker | None = None) -> None:
+    """Stop (or wait for the shutdown of) every worker we started but ``keep``."""
     for worker in list(_LIVE):
-        with contextlib.suppress(Exception):
-            worker.stop()
+        if worker is not keep:
+            with contextlib.suppress(Exception):
+                worker.stop()
 
 
 @contextlib.contextmanager
 def running_worker(
     env: Environment, config: PoolConfig, queue: str, log_name: str
 ) -> Iterator[Worker]:
+    """A started worker; on the way out only SIGTERM it when all went well.
+
+    Its shutdown then overlaps with the harness's bookkeeping and the next
+    worker's start-up; measurements call :func:`stop_all_workers` before they
+    start timing (which waits, and SIGKILLs after 20 s as :meth:`Worker.stop`).
+    """
     worker = Worker(env, config, queue, env.log_dir / f"{log_name}.log")
     try:
         yield worker.start()
-    finally:
+    except BaseException:
         worker.stop()
+        raise
+    worker.terminate()
 
 
 class Sampler(threading.Thread):
@@ -306,6 +326,54 @@ class Sampler(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(2)
+
+
+class NeighbourWatch(threading.Thread):
+    """Notes other processes busy on this machine: they skew every number."""
+
+    IGNORED = frozenset({"redis-server", "beam.smp", "epmd"})  # the brokers are part of it
+
+    def __init__(self, interval: float = 2.0, threshold: float = 20.0) -> None:
+        super().__init__(name="bench-neighbours", daemon=True)
+        self.interval = interval
+        self.threshold = threshold
+        self.samples = 0
+        self.busy: dict[str, tuple[float, int]] = {}  # command -> (max %CPU, samples)
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        ours = {me.pid, *(child.pid for child in me.children(recursive=True))}
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if proc.pid in ours or proc.info["name"] in self.IGNORED:
+                continue
+            try:
+                usage = proc.cpu_percent(None)
+            except psutil.Error:
+                continue
+            if usage >= self.threshold:
+                command = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])[:90]
+                peak, seen = self.busy.get(command, (0.0, 0))
+                self.busy[command] = (max(peak, usage), seen + 1)
+        self.samples += 1
+
+    def run(self) -> None:
+        self.sample()  # primes cpu_percent
+        self.samples = 0
+        self.busy.clear()
+        while not self._stop_event.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def summary(self, limit: int = 3) -> str:
+        top = sorted(self.busy.items(), key=lambda item: -item[1][1])[:limit]
+        return "; ".join(
+            f"`{command}` (up to {peak:.0f}% CPU, in {seen}/{self.samples} samples)"
+            for command, (peak, seen) in top
+        )
 
 
 # -- broker and results ---------------------------------------------------------------
@@ -374,7 +442,7 @@ class Results:
         self.client = redis.Redis.from_url(url)
 
     def wait_all(
-        self, ids: Sequence[str], timeout: float, alive: Callable[[], bool], poll: float = 0.01
+        self, ids: Sequence[str], timeout: float, alive: Callable[[], bool], poll: float = 0.02
     ) -> float:
         """Return ``time.time()`` once every result exists.
 
@@ -403,7 +471,7 @@ class Results:
             time.sleep(poll)
 
     def metas(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for k in range(0, len(ids), CHUNK):
             raw = self.client.mget([RESULT_PREFIX + i for i in ids[k : k + CHUNK]])
             out.extend(json.loads(value) if value else {} for value in raw)
@@ -469,6 +537,7 @@ def measure_drain(
     try:
         publisher.reset_queue()
         ids = publisher.preload(workload.messages(config.is_async, n))
+        stop_all_workers()  # the drain is timed from start-up: nobody else running
         with running_worker(env, config, queue, f"{config.slug}-{workload.name}-r{run}") as worker:
             sampler = Sampler(worker.pid)
             sampler.start()
@@ -492,7 +561,7 @@ def measure_latency(
     n: int,
     rate: float,
     timeout: float,
-    idle_seconds: float = 1.0,
+    idle_seconds: float = 0.5,
 ) -> LatencyResult:
     """Publish ``n`` messages at ``rate``/s to an idle worker; publish -> start/done."""
     queue = env.queue(config.slug, workload.name, "lat")
@@ -503,7 +572,9 @@ def measure_latency(
         publisher.reset_queue()
         with running_worker(env, config, queue, f"{config.slug}-{workload.name}-lat") as worker:
             worker.wait_ready()
-            time.sleep(idle_seconds)
+            idle_until = time.monotonic() + idle_seconds
+            stop_all_workers(keep=worker)
+            time.sleep(max(0.0, idle_until - time.monotonic()))
             ids, achieved = publisher.paced(workload.messages(config.is_async, n), rate)
             results.wait_all(ids, timeout, worker.alive)
         metas = results.metas(ids)

@@ -24,8 +24,6 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import contextlib
-
 import celery
 import psutil
 
@@ -35,6 +33,7 @@ from benchmarks.harness import (
     DrainResult,
     Environment,
     LatencyResult,
+    NeighbourWatch,
     PoolConfig,
     Workload,
     forget_redis_bindings,
@@ -42,6 +41,7 @@ from benchmarks.harness import (
     measure_drain,
     measure_latency,
     percentile,
+    stop_all_workers,
 )
 
 REDIS_URL = os.environ.get("CELERY_ANYIO_BENCH_REDIS", "redis://127.0.0.1:6379/14")
@@ -65,8 +65,11 @@ class Profile:
 def make_profile(quick: bool, n: int | None) -> Profile:
     if quick:
         size = n or 2000
-        workloads = (Workload("noop", size), Workload("io", size, io_seconds=IO_SECONDS))
-        return Profile("quick", workloads, 1, min(1000, size), 5.0, 5.0, huge=False)
+        workloads: tuple[Workload, ...] = (
+            Workload("noop", size),
+            Workload("io", size, io_seconds=IO_SECONDS),
+        )
+        return Profile("quick", workloads, 1, min(1000, size), 5.0, 2.0, huge=False)
     size = n or 5000
     workloads = (
         Workload("noop", size),
@@ -78,7 +81,9 @@ def make_profile(quick: bool, n: int | None) -> Profile:
 
 
 def gevent_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import gevent"], capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import gevent"], check=False, capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -192,25 +197,28 @@ def run_kombu_raw(env: Environment, n: int, runs: int) -> tuple[list[float], str
 # -- report -----------------------------------------------------------------------------
 
 HEADER = (
-    "| config | workload | drain s (median [min–max]) | tasks/s | vs threads -c 500 "
+    "| config | workload | drain s (median [min-max]) | tasks/s | vs threads -c 500 "
     "| CPU ms/task | peak RSS MB | start p50/p99 ms | done p50/p99 ms |"
 )
 
 
-def _row(case: Case, baselines: dict[str, float]) -> str:
+def _row(case: Case, baselines: dict[str, float], latency_n: int) -> str:
     workload = case.workload.name
-    if case.n != case.workload.n:
-        workload += f" (n={case.n})"
+    sizes = [f"n={case.n}"] if case.n != case.workload.n else []
+    if case.latency is not None and case.latency.n != latency_n:
+        sizes.append(f"latency n={case.latency.n}")
+    if sizes:
+        workload += f" ({', '.join(sizes)})"
     cells = [case.config.label, workload]
     if not case.drains:
         error = "; ".join(dict.fromkeys(case.errors)).replace("|", "/")
         return "| " + " | ".join([*cells, f"ERROR: {error}", *["—"] * 6]) + " |"
     seconds = [d.seconds for d in case.drains]
-    drain = f"{case.median_seconds:.2f} [{min(seconds):.2f}–{max(seconds):.2f}]"
+    drain = f"{case.median_seconds:.2f} [{min(seconds):.2f}-{max(seconds):.2f}]"
     if case.errors:
         drain += f" ({len(case.errors)} failed)"
     baseline = baselines.get(case.workload.name)
-    ratio = f"{case.rate / baseline:.2f}×" if baseline else "—"
+    ratio = f"{case.rate / baseline:.2f}x" if baseline else "—"
     cpu = statistics.median(d.cpu_ms_per_task for d in case.drains)
     rss = max(d.peak_rss for d in case.drains) / 2**20
     start = done = "—"
@@ -253,7 +261,7 @@ def render(
         "",
         HEADER,
         "|" + "---|" * HEADER.count(" | ") + "---|",
-        *(_row(case, baselines) for case in cases),
+        *(_row(case, baselines, profile.latency_n) for case in cases),
         "",
     ]
     if kombu_rates:
@@ -277,26 +285,6 @@ def render(
 
 def _redact(url: str) -> str:
     return url.replace("guest:guest@", "guest:***@")
-
-
-def busy_neighbours() -> list[str]:
-    """Other processes using CPU right now: they skew the numbers."""
-    me = os.getpid()
-    procs = [p for p in psutil.process_iter(["pid", "name", "cmdline"]) if p.pid != me]
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.cpu_percent(None)
-    time.sleep(0.5)
-    busy = []
-    for proc in procs:
-        try:
-            usage = proc.cpu_percent(None)
-        except psutil.Error:
-            continue
-        if usage >= 20:
-            cmd = " ".join(proc.info["cmdline"] or [proc.info["name"] or "?"])
-            busy.append(f"{usage:.0f}% {cmd[:100]}")
-    return busy
 
 
 # -- main -------------------------------------------------------------------------------
@@ -335,11 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_gevent = gevent_available()
     if not with_gevent:
         notes.append("gevent: skipped (`import gevent` fails in this environment)")
-    neighbours = busy_neighbours()
-    if neighbours:
-        notes.append(
-            "other busy processes at start (numbers may be skewed): " + "; ".join(neighbours[:3])
-        )
+    neighbours = NeighbourWatch()
+    neighbours.start()
     cases = [
         Case(config, workload, sized(profile, config, workload))
         for config, workload in build_cases(profile, with_gevent)
@@ -360,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         notes.append("interrupted: the table is incomplete")
     finally:
+        neighbours.stop()
+        stop_all_workers()
         if args.broker == "redis":
             try:
                 forget_redis_bindings(REDIS_URL, run_id)
@@ -368,8 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(c.n != c.workload.n for c in cases):
         notes.append(
             f"(n=…): fewer tasks for slow pools, so the ideal drain stays under "
-            f"{profile.drain_cap_seconds:.0f} s; latency runs publish for at most "
-            f"{profile.latency_cap_seconds:.0f} s (at least 50 tasks)"
+            f"{profile.drain_cap_seconds:.0f} s"
+        )
+    if any(c.latency is not None and c.latency.n != profile.latency_n for c in cases):
+        notes.append(
+            f"(latency n=…): latency runs publish {profile.latency_n} tasks, or for at most "
+            f"{profile.latency_cap_seconds:.0f} s (at least 50 tasks) at half the drain rate"
         )
     for case in cases:
         lat = case.latency
@@ -382,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append(
                 f"{case.config.label} / {case.workload.name}: latency {case.latency_error}"
             )
+    busy = neighbours.summary()
+    if busy:
+        notes.append("other busy processes during the run (numbers are skewed): " + busy)
     for log, lines in log_problems(env.log_dir).items():
         notes.append(f"worker log `{log}`: " + " / ".join(f"`{line[:160]}`" for line in lines))
     notes.append(f"worker logs: `{env.log_dir.relative_to(ROOT)}`")
