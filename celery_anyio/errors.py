@@ -1,6 +1,14 @@
-"""Exceptions celery_anyio raises to users."""
+"""Exceptions celery_anyio raises to users.
+
+The two task outcomes here (:class:`TaskExceptionGroup`, :class:`TaskExited`)
+are plain ``Exception`` subclasses whose ``args`` hold only strings, lists and
+dicts, so Celery stores them through the JSON and pickle serializers alike and
+``result.get()`` raises them on any client.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class WrongPoolError(RuntimeError):
@@ -17,3 +25,43 @@ class WrongPoolError(RuntimeError):
 
     def __reduce__(self) -> tuple[type[WrongPoolError], tuple[str]]:
         return type(self), (self.task_name,)
+
+
+class TaskExceptionGroup(Exception):
+    """Several exceptions raised together by one task (e.g. from a task group).
+
+    ``leaves`` holds one dict per leaf exception: ``type`` (dotted name),
+    ``message`` (``str(exc)``), ``repr`` and ``traceback`` (formatted text).
+    The original group is kept as ``__cause__`` in the worker, so the stored
+    traceback shows every leaf.
+    """
+
+    def __init__(self, message: str, leaves: list[dict[str, Any]]) -> None:
+        super().__init__(message, leaves)
+        self.message = message
+        self.leaves = leaves
+
+    @property
+    def types(self) -> list[str]:
+        """The dotted type name of every leaf, in order."""
+        return [str(leaf.get("type")) for leaf in self.leaves]
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaskExited(Exception):
+    """A task body raised ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit``.
+
+    One task's exit request must not stop the worker or its other tasks, so it
+    becomes this ordinary failure, naming the original exception.
+    """
+
+    def __init__(self, exc_type: str, message: str = "") -> None:
+        super().__init__(exc_type, message)
+        self.exc_type = exc_type
+        self.message = message
+
+    def __str__(self) -> str:
+        detail = f": {self.message}" if self.message else ""
+        return f"the task body raised {self.exc_type}{detail}"

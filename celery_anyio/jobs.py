@@ -26,12 +26,16 @@ from time import monotonic
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from anyio import CancelScope, CapacityLimiter
 from billiard.einfo import ExceptionInfo
 from celery.exceptions import SoftTimeLimitExceeded
 
-from . import bridge
+from . import bridge, outcomes
+from ._backends import BackendModule
 from .context import job_identity
+from .softlimit import await_with_soft_limit
+from .threads import ThreadInterrupted, ThreadSlot
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +63,16 @@ class Job:
     accepted: bool = False
     terminated: bool = False
     scope: CancelScope | None = None
-    soft_scope: CancelScope | None = None
+    thread: ThreadSlot | None = None
 
     @property
     def task_name(self) -> str:
         return str(self.args[0]) if self.args else repr(self.target)
+
+    @property
+    def label(self) -> str:
+        """``name[id]``, as Celery's log lines name a task."""
+        return f"{self.task_name}[{self.correlation_id}]"
 
     def terminate(self, signal: Any = None) -> None:
         """Celery's ``Request.terminate`` calls this on the apply result.
@@ -76,9 +85,10 @@ class Job:
 class JobRunner:
     """Runs jobs on the loop thread under the pool's limits."""
 
-    def __init__(self, concurrency: int, thread_limit: int) -> None:
+    def __init__(self, concurrency: int, thread_limit: int, backend: BackendModule) -> None:
         self.limiter = CapacityLimiter(concurrency)
         self.thread_limiter = CapacityLimiter(thread_limit)
+        self.backend = backend
         self.jobs: dict[int, Job] = {}
         self.running = 0
         self.discarding = False
@@ -87,7 +97,7 @@ class JobRunner:
     async def run(self, job: Job) -> None:
         try:
             async with self.limiter:
-                if job.terminated or self.discarding:
+                if job.terminated or self.discarding or self._revoked_while_queued(job):
                     return
                 self.running += 1
                 try:
@@ -96,6 +106,16 @@ class JobRunner:
                     self.running -= 1
         finally:
             self.jobs.pop(job.id, None)
+
+    def _revoked_while_queued(self, job: Job) -> bool:
+        """A revoke (or expiry) that came while the job waited for a slot.
+
+        Celery checks before handing the job over; the pool's queue is a second
+        place to wait, so check again: ``Request.revoked()`` announces it.
+        """
+        request = getattr(job.accept_callback, "__self__", None)
+        revoked = getattr(request, "revoked", None)
+        return bool(revoked is not None and revoked())
 
     async def _run_accepted(self, job: Job) -> None:
         job_identity.set(job)
@@ -109,8 +129,10 @@ class JobRunner:
                 outcome = ("done", await self._trace(job))
             except anyio.get_cancelled_exc_class():
                 raise
-            except BaseException:  # noqa: BLE001 - one job never tears down the root
-                outcome = ("error", ExceptionInfo())
+            except BaseException as exc:  # noqa: BLE001 - one job never tears down the root
+                outcome = ("error", _exception_info(exc))
+        if job.thread is not None and not job.thread.finished:
+            self._stop_thread(job, scope)
         if job.terminated or self.discarding:
             return  # Request announces terminate/cancel itself; cold shutdown: nothing
         if scope.cancel_called:
@@ -127,22 +149,69 @@ class JobRunner:
             return await bridge.run_bridged(
                 partial(job.target, **job.kwargs),
                 *job.args,
-                awaiter=lambda body: self._await_body(job, body),
+                awaiter=partial(self._await_body, job),
             )
-        return await anyio.to_thread.run_sync(
-            _call_in_thread, job.target, job.args, job.kwargs, limiter=self.thread_limiter
-        )
+        return await self._trace_in_thread(job)
 
     async def _await_body(self, job: Job, body: Awaitable[Any]) -> Any:
-        """Await the task body under the soft time limit."""
+        """Await the task body under the soft time limit; translate what it raises."""
+        try:
+            if not job.soft_timeout:
+                return await body
+            return await await_with_soft_limit(
+                body,
+                _anyio_deadline(monotonic() + job.soft_timeout),
+                job.soft_timeout,
+                partial(self._call, job.timeout_callback, True, job.soft_timeout),
+                self.backend,
+            )
+        except BaseException as exc:
+            translated = outcomes.translate(exc)
+            if translated is exc:
+                raise
+            raise translated from translated.__cause__
+
+    async def _trace_in_thread(self, job: Job) -> Any:
+        """Run a sync job's tracer in a worker thread, soft limit included."""
+        job.thread = slot = ThreadSlot()
+        call = partial(
+            anyio.to_thread.run_sync,
+            slot.run,
+            job.target,
+            job.args,
+            job.kwargs,
+            abandon_on_cancel=True,  # a hard limit or revoke must not wait for the thread
+            limiter=self.thread_limiter,
+        )
         if not job.soft_timeout:
-            return await body
-        with CancelScope(deadline=_anyio_deadline(monotonic() + job.soft_timeout)) as soft:
-            job.soft_scope = soft
-            return await body
-        # The soft scope caught the cancellation: the body did not handle it.
+            return await call()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._soft_alarm, job, slot)
+            result = await call()
+            tg.cancel_scope.cancel()
+        return result
+
+    async def _soft_alarm(self, job: Job, slot: ThreadSlot) -> None:
+        assert job.soft_timeout is not None
+        await anyio.sleep(job.soft_timeout)
         self._call(job.timeout_callback, True, job.soft_timeout)
-        raise SoftTimeLimitExceeded(job.soft_timeout)
+        slot.interrupt(SoftTimeLimitExceeded)
+
+    def _stop_thread(self, job: Job, scope: CancelScope) -> None:
+        """The job ended (hard limit, revoke, shutdown) while its thread runs on."""
+        assert job.thread is not None
+        if job.thread.interrupt(ThreadInterrupted):
+            reason = "was revoked" if job.terminated else "hit its hard time limit"
+            if not job.terminated and not scope.cancel_called:
+                reason = "was cancelled by shutdown"
+            logger.warning(
+                "celery_anyio: sync task %s %s; its thread %s cannot be stopped while it "
+                "is inside a blocking call: it is interrupted at its next Python "
+                "instruction and its outcome is discarded",
+                job.label,
+                reason,
+                job.thread.thread_name,
+            )
 
     def _call(self, callback: Callback | None, *args: Any) -> None:
         if callback is None:
@@ -153,10 +222,12 @@ class JobRunner:
             logger.exception("celery_anyio: %r failed", callback)
 
 
-def _call_in_thread(
-    target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    return target(*args, **kwargs)
+def _exception_info(exc: BaseException) -> ExceptionInfo:
+    """What escaped the tracer (``Reject``, ``MemoryError``, a sync body's exit)."""
+    translated = outcomes.translate(exc)
+    if translated is exc:
+        return ExceptionInfo()
+    return ExceptionInfo((type(translated), translated, exc.__traceback__))
 
 
 def _anyio_deadline(monotonic_deadline: float) -> float:

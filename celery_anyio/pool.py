@@ -55,7 +55,7 @@ class Pool(BasePool):  # type: ignore[misc]
         self.backend_options = dict(conf.get(BACKEND_OPTIONS_SETTING) or {})
         self.default_soft_timeout = self.options.get("soft_timeout")
         self.default_timeout = self.options.get("timeout")
-        self._runner = JobRunner(self.limit, self.thread_limit)
+        self._runner = JobRunner(self.limit, self.thread_limit, _backends.load(self.backend))
         self._loop: LoopThread | None = None
         self._async_tasks: dict[str, bool] = {}
         self._consumer_waker: socket.socket | None = None

@@ -1,10 +1,11 @@
-"""trio backend: the run's ``TrioToken.run_sync_soon``."""
+"""trio backend: the run's ``TrioToken.run_sync_soon``; the task's cancel status."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
 
 
@@ -19,3 +20,25 @@ def current_call_soon_threadsafe() -> Callable[[Callable[[], object]], None]:
 
 def run_options(options: dict[str, Any]) -> dict[str, Any]:
     return {}
+
+
+def cancellation_sent(value: object) -> BaseException | None:
+    if isinstance(value, outcome.Error) and isinstance(value.error, trio.Cancelled):
+        return value.error
+    return None
+
+
+def error_to_send(exc: BaseException) -> object:
+    return outcome.Error(exc)
+
+
+def in_shielded_scope() -> bool:
+    try:
+        status: Any = trio.lowlevel.current_task()._cancel_status
+        while status is not None:
+            if status._scope.shield:
+                return True
+            status = status._parent
+    except AttributeError:
+        return True
+    return False

@@ -1,0 +1,65 @@
+"""Sync ``def`` tasks in worker threads, with limits and revoke as close to prefork as a thread allows.
+
+Prefork signals a child process; a thread can only be sent an *asynchronous
+exception* (``PyThreadState_SetAsyncExc``), which Python raises at the
+thread's next bytecode.  A thread blocked inside a C call (``time.sleep``, a
+socket read without timeout) sees it only when that call returns.
+
+* Soft limit: ``SoftTimeLimitExceeded`` is raised in the thread; the task can
+  catch it, as under prefork.
+* Hard limit and revoke(terminate): the pool reports the outcome at once
+  (``TimeLimitExceeded`` / ``REVOKED``) and raises :class:`ThreadInterrupted`
+  in the thread.  It is a ``BaseException``, which Celery's tracer re-raises
+  without storing a result, so the thread's late outcome never overwrites the
+  state already reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class ThreadInterrupted(BaseException):
+    """Raised in a sync task's thread whose outcome the pool already reported."""
+
+
+class ThreadSlot:
+    """The thread running one sync job, while it runs it.
+
+    :meth:`interrupt` (loop thread) and :meth:`run` (worker thread) take the
+    same lock, so an exception is only ever raised inside the job's own call:
+    never after it returned, in the thread pool's code.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ident: int | None = None
+        self.thread_name: str | None = None
+        self.finished = False
+
+    def run(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self._lock:
+            self._ident = threading.get_ident()
+            self.thread_name = threading.current_thread().name
+        try:
+            return target(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._ident = None
+                self.finished = True
+                _set_async_exc(threading.get_ident(), None)  # drop one not yet raised
+
+    def interrupt(self, exc_type: type[BaseException]) -> bool:
+        """Raise ``exc_type`` in the job's thread; False if it is not running."""
+        with self._lock:
+            if self._ident is None:
+                return False
+            return _set_async_exc(self._ident, exc_type)
+
+
+def _set_async_exc(ident: int, exc_type: type[BaseException] | None) -> bool:
+    exc = ctypes.py_object(exc_type) if exc_type is not None else None
+    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc))
