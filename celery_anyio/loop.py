@@ -4,6 +4,8 @@ The consumer thread hands work over with :meth:`LoopThread.spawn`, which only
 appends to a deque and, when the loop is not already due to look, schedules one
 wake-up: it never waits for the loop.  The loop's main task drains the deque
 into the root task group, so every job is a child of that one nursery.
+Services (the lag monitor) run in an enclosing task group, from before the
+first job until after the last.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -33,12 +35,14 @@ class LoopThread:
         backend_options: dict[str, Any] | None = None,
         *,
         on_loop_start: Callable[[], None] | None = None,
+        services: Sequence[Spawnable] = (),
         name: str = "celery-anyio-loop",
     ) -> None:
         self.backend = backend
         self._backend = _backends.load(backend)
         self._run_options = self._backend.run_options(backend_options or {})
         self._on_loop_start = on_loop_start
+        self._services = tuple(services)
         self._name = name
         self._inbox: deque[tuple[Spawnable, tuple[Any, ...]]] = deque()
         self._wake_pending = False
@@ -120,16 +124,20 @@ class LoopThread:
         self._wakeup = anyio.Event()
         if self._on_loop_start is not None:
             self._on_loop_start()
-        async with anyio.create_task_group() as root:
-            self._root = root
-            self._started.set()
-            while True:
+        async with anyio.create_task_group() as services:
+            for service in self._services:
+                services.start_soon(service)
+            async with anyio.create_task_group() as root:
+                self._root = root
+                self._started.set()
+                while True:
+                    self._drain(root)
+                    if self._stop_requested:
+                        break
+                    await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
                 self._drain(root)
-                if self._stop_requested:
-                    break
-                await self._wakeup.wait()
-                self._wakeup = anyio.Event()
-            self._drain(root)
+            services.cancel_scope.cancel()  # services live as long as the jobs
 
     def _drain(self, root: TaskGroup) -> None:
         inbox = self._inbox

@@ -23,6 +23,7 @@ from celery.worker import state as worker_state
 from . import _backends, patches
 from .jobs import Job, JobRunner
 from .loop import LoopThread
+from .watchdog import LoopMonitor
 from .tasks import is_async_task
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BACKEND = "asyncio"
 THREAD_LIMIT_SETTING = "worker_anyio_thread_limit"
 BACKEND_OPTIONS_SETTING = "worker_anyio_backend_options"
+BLOCK_WARNING_SETTING = "worker_anyio_block_warning"
 DEFAULT_THREAD_LIMIT = 40
+DEFAULT_BLOCK_WARNING = 0.1
 STOP_POLL_SECONDS = 0.5
 TERMINATE_GRACE_SECONDS = 10.0
 
@@ -56,6 +59,11 @@ class Pool(BasePool):  # type: ignore[misc]
         self.default_soft_timeout = self.options.get("soft_timeout")
         self.default_timeout = self.options.get("timeout")
         self._runner = JobRunner(self.limit, self.thread_limit, _backends.load(self.backend))
+        block_warning = conf.get(BLOCK_WARNING_SETTING)
+        self._monitor = LoopMonitor(
+            DEFAULT_BLOCK_WARNING if block_warning is None else float(block_warning),
+            JobRunner._run_accepted.__code__,
+        )
         self._loop: LoopThread | None = None
         self._async_tasks: dict[str, bool] = {}
         self._consumer_waker: socket.socket | None = None
@@ -68,7 +76,10 @@ class Pool(BasePool):  # type: ignore[misc]
             patches.wrap_async_tasks(self.app)
             patches.patch_request_stacks(self.app)
         self._loop = LoopThread(
-            self.backend, self.backend_options, on_loop_start=self._on_loop_start
+            self.backend,
+            self.backend_options,
+            on_loop_start=self._on_loop_start,
+            services=[self._monitor.run],
         )
         self._loop.start()
         logger.info(
@@ -189,6 +200,7 @@ class Pool(BasePool):  # type: ignore[misc]
         while not loop.join(STOP_POLL_SECONDS):
             if worker_state.should_terminate is not None and not self._runner.discarding:
                 self._cancel_all(loop)
+        logger.info("celery_anyio: event loop lag (ms, last minute): %s", self._monitor.stats())
 
     def on_terminate(self) -> None:
         """Cold stop: cancel everything, report nothing, end the loop thread."""
@@ -230,6 +242,7 @@ class Pool(BasePool):  # type: ignore[misc]
                 "threads": self.thread_limit,
                 "timeouts": [self.default_soft_timeout, self.default_timeout],
                 "processes": [os.getpid()],
+                "loop-lag-ms": self._monitor.stats(),
             }
         )
         return info

@@ -144,13 +144,14 @@ async def late_sleepy(x: int, seconds: float) -> int:
 _tally_store: Any = None
 
 
-def _tally(key: str, member: str) -> None:
+def _tally(key: str, member: str) -> int:
+    """Count ``member`` in the Redis hash ``key``; return the new count."""
     global _tally_store
     if _tally_store is None:
         import redis
 
         _tally_store = redis.Redis.from_url(app.conf.result_backend)
-    _tally_store.hincrby(key, member, 1)
+    return int(_tally_store.hincrby(key, member, 1))
 
 
 @app.task(ignore_result=True)

@@ -1,0 +1,144 @@
+"""Measure event-loop lag and name the task that blocks the loop.
+
+Every task on the worker shares one event loop, so one ``time.sleep(1)`` (or a
+blocking client, or a CPU-bound loop) in an ``async def`` task stalls all of
+them.  Two parts catch that:
+
+* :meth:`LoopMonitor.tick` runs on the loop: it sleeps ``interval`` and records
+  how late it woke up (the loop lag), which ``inspect stats`` reports;
+* a watchdog thread looks at the loop thread's stack while the loop is late,
+  so that when the loop recovers the warning can say which task held it and
+  where, not only for how long.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections import deque
+from time import monotonic
+from types import FrameType
+from typing import Any
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.05
+SAMPLES = 1200  # one minute of ticks
+
+
+class LoopMonitor:
+    """Loop lag statistics and the blocked-loop warning."""
+
+    def __init__(self, block_warning: float, job_frame_code: Any) -> None:
+        self.block_warning = block_warning
+        self._job_frame_code = job_frame_code
+        self._lags: deque[float] = deque(maxlen=SAMPLES)
+        self.max_lag = 0.0
+        self._last_tick = monotonic()
+        self._loop_thread: int | None = None
+        self._culprits: list[tuple[str | None, str]] = []
+        self._stopped = threading.Event()
+
+    # -- on the loop ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick until cancelled; start the watchdog thread alongside."""
+        self._loop_thread = threading.get_ident()
+        self._last_tick = monotonic()
+        if self.block_warning > 0:
+            threading.Thread(
+                target=self._watch, name="celery-anyio-watchdog", daemon=True
+            ).start()
+        try:
+            while True:
+                await self.tick()
+        finally:
+            self._stopped.set()
+
+    async def tick(self) -> None:
+        started = monotonic()
+        await anyio.sleep(TICK_SECONDS)
+        now = monotonic()
+        lag = max(0.0, now - started - TICK_SECONDS)
+        self._last_tick = now
+        self._lags.append(lag)
+        self.max_lag = max(self.max_lag, lag)
+        if self.block_warning > 0 and lag >= self.block_warning:
+            self._report(lag)
+
+    def _report(self, lag: float) -> None:
+        culprits, self._culprits = self._culprits, []
+        tasks = {task for task, _ in culprits}
+        if len(tasks) == 1 and None not in tasks:
+            (task,) = tasks
+            where = culprits[-1][1]
+            logger.warning(
+                "celery_anyio: the event loop was blocked for %.2fs by task %s (at %s); "
+                "every other task on this worker waited. Await async calls, or move "
+                "blocking work to anyio.to_thread.run_sync.",
+                lag,
+                task,
+                where,
+            )
+        else:
+            where = culprits[-1][1] if culprits else "unknown"
+            logger.warning(
+                "celery_anyio: the event loop was blocked for %.2fs (last seen at %s)",
+                lag,
+                where,
+            )
+
+    # -- stats (any thread) -----------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Lag over the last minute, in milliseconds."""
+        lags = sorted(self._lags)
+        if not lags:
+            return {"last": 0.0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+        return {
+            "last": _ms(self._lags[-1]),
+            "p50": _ms(_percentile(lags, 0.50)),
+            "p99": _ms(_percentile(lags, 0.99)),
+            "max": _ms(self.max_lag),
+        }
+
+    # -- watchdog thread --------------------------------------------------------
+
+    def _watch(self) -> None:
+        period = max(self.block_warning / 4, 0.005)
+        while not self._stopped.wait(period):
+            late = monotonic() - self._last_tick - TICK_SECONDS
+            if late < self.block_warning / 2:
+                continue
+            frame = sys._current_frames().get(self._loop_thread or 0)
+            if frame is not None:
+                self._culprits.append(self._describe(frame))
+
+    def _describe(self, frame: FrameType) -> tuple[str | None, str]:
+        """(``task[id]`` on the stack, if any; ``file:line in function``)."""
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        task: str | None = None
+        walker: FrameType | None = frame
+        while walker is not None:
+            if walker.f_code is self._job_frame_code:
+                job = walker.f_locals.get("job")
+                task = getattr(job, "label", None)
+                break
+            if walker.f_code.co_name == "trace_task" and "uuid" in walker.f_locals:
+                celery_task = walker.f_locals.get("task")
+                task = f"{getattr(celery_task, 'name', '?')}[{walker.f_locals['uuid']}]"
+                break
+            walker = walker.f_back
+        return task, where
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)

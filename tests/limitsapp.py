@@ -1,0 +1,183 @@
+"""Tasks for the cancellation tests: limits, revoke, exception groups, exits, shutdown.
+
+The worker subprocesses run ``-A tests.limitsapp``: the app is the one of
+:mod:`tests.workerapp` (imported, so its tasks are registered too), plus these.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+
+from .workerapp import _tally, app
+
+__all__ = ["app"]
+
+
+@app.task
+async def soft_cleanup(key: str, seconds: float = 30) -> str:
+    """Catches the soft limit, cleans up with more I/O, returns a value."""
+    try:
+        await anyio.sleep(seconds)
+        return "slept"
+    except SoftTimeLimitExceeded:
+        await anyio.sleep(0.05)
+        _tally(key, "cleanup")
+        return "cleaned up"
+
+
+@app.task
+async def soft_swallower(key: str) -> str:
+    """A soft-limit handler that would run forever: the hard limit must win."""
+    try:
+        await anyio.sleep(30)
+    except SoftTimeLimitExceeded:
+        _tally(key, "soft")
+        await anyio.sleep(30)
+    return "masked the hard limit"
+
+
+@app.task
+def sync_soft_cleanup(key: str) -> str:
+    """The sync twin of :func:`soft_cleanup`: the exception lands in its thread."""
+    try:
+        for _ in range(3000):
+            time.sleep(0.01)
+        return "slept"
+    except SoftTimeLimitExceeded:
+        _tally(key, "cleanup")
+        return "cleaned up"
+
+
+@app.task
+def sync_stuck(key: str, seconds: float) -> str:
+    """Blocks in one C call, so only the reported state can be on time."""
+    _tally(key, "started")
+    time.sleep(seconds)
+    _tally(key, "returned")  # never runs: the thread is interrupted on return
+    return "finished"
+
+
+async def _fail_after(delay: float, exc: BaseException) -> None:
+    # Shielded, so a sibling's failure cannot cancel this child before it raises:
+    # every child's exception reaches the group, on both backends.
+    with anyio.CancelScope(shield=True):
+        await anyio.sleep(delay)
+    raise exc
+
+
+@app.task
+async def group_failure(messages: list[str]) -> None:
+    """Each child raises ValueError(message): one leaf or many."""
+    async with anyio.create_task_group() as tg:
+        for message in messages:
+            tg.start_soon(_fail_after, 0.01, ValueError(message))
+
+
+@app.task
+async def group_mixed() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_fail_after, 0.01, ValueError("bad value"))
+        tg.start_soon(_fail_after, 0.01, KeyError("missing"))
+        tg.start_soon(_fail_after, 0.01, RuntimeError("broken"))
+
+
+@app.task(bind=True, max_retries=2)
+async def group_retry(self: Any, key: str) -> int:
+    """``self.retry()`` raised inside a task group is a retry, not a failure."""
+    _tally(key, f"try{self.request.retries}")
+
+    async def child() -> None:
+        await anyio.sleep(0.01)
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(child)
+        tg.start_soon(anyio.sleep, 0.02)
+    return int(self.request.retries)
+
+
+@app.task
+async def group_reject() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_fail_after, 0.01, Reject("rejected in a group", requeue=False))
+        tg.start_soon(_fail_after, 0.01, ValueError("also failed"))
+
+
+@app.task
+async def group_ignore() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_fail_after, 0.01, Ignore())
+
+
+@app.task
+async def group_sleepers(key: str, seconds: float) -> str:
+    """Children wait in a task group; their ``finally`` records the unwinding."""
+
+    async def child(i: int) -> None:
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            _tally(key, f"child{i}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(child, i)
+    return "slept"
+
+
+@app.task
+async def exits(kind: str) -> None:
+    await anyio.lowlevel.checkpoint()
+    if kind == "SystemExit":
+        raise SystemExit(3)
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    raise GeneratorExit
+
+
+@app.task
+async def unserializable() -> object:
+    await anyio.lowlevel.checkpoint()
+    return threading.Lock()
+
+
+class UnpicklableError(Exception):
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        self.lock = lock
+
+
+@app.task
+async def unpicklable_error() -> None:
+    await anyio.lowlevel.checkpoint()
+    raise UnpicklableError(threading.Lock())
+
+
+@app.task
+async def blocker(seconds: float) -> str:
+    time.sleep(seconds)  # the mistake this test is about: blocking the loop
+    return "blocked"
+
+
+@app.task(acks_late=True)
+async def late_counted(key: str, member: str, seconds: float) -> str:
+    """Counts starts and finishes per message; a redelivered one is quick."""
+    starts = _tally(key, f"started:{member}")
+    await anyio.sleep(seconds if starts == 1 else 0.05)
+    _tally(key, f"finished:{member}")
+    return member
+
+
+@app.task
+async def counted(key: str, member: str, seconds: float) -> str:
+    _tally(key, f"started:{member}")
+    await anyio.sleep(seconds)
+    _tally(key, f"finished:{member}")
+    return member

@@ -1,0 +1,248 @@
+"""Cancellation semantics on a real worker: limits, revoke, exception groups, exits."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import celery
+import pytest
+import redis
+
+from celery_anyio.errors import TaskExceptionGroup
+
+from .harness import Client, Namespace, Worker
+
+pytestmark = pytest.mark.worker
+
+CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
+
+
+@pytest.fixture(scope="session")
+def limits_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+    queue = namespace.queue(f"limits-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
+    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def limits(namespace: Namespace, limits_worker: Worker) -> Iterator[Client]:
+    client = namespace.client(limits_worker.queue)
+    yield client
+    client.close()
+
+
+def send(client: Client, name: str, *args: Any, **options: Any) -> Any:
+    return client.app.signature(f"tests.limitsapp.{name}", args=args).apply_async(**options)
+
+
+def tallies(client: Client, key: str, expected: int = 0, timeout: float = 10) -> dict[str, int]:
+    store = redis.Redis.from_url(client.app.conf.result_backend)
+    deadline = time.monotonic() + timeout
+    while store.hlen(key) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {k.decode(): int(v) for k, v in store.hgetall(key).items()}
+
+
+def wait_for_log(worker: Worker, pattern: str, timeout: float = 10) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, worker.log())
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in the worker log:\n{worker.log()[-5000:]}")
+
+
+def wait_until_started(client: Client, key: str, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = tallies(client, key, timeout=0)
+        if sum(1 for name in seen if name.startswith("started:")) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} tasks did not start: {tallies(client, key, timeout=0)}")
+
+
+def key() -> str:
+    return f"celery-anyio-test:{uuid.uuid4().hex}"
+
+
+# -- time limits ------------------------------------------------------------------
+
+
+def test_soft_limit_is_caught_in_the_body_which_returns_its_cleanup_value(
+    limits: Client, limits_worker: Worker
+) -> None:
+    k = key()
+    result = send(limits, "soft_cleanup", k, soft_time_limit=0.3)
+    assert result.get(timeout=30) == "cleaned up"
+    assert result.state == "SUCCESS"
+    assert tallies(limits, k, 1) == {"cleanup": 1}
+    wait_for_log(limits_worker, rf"Soft time limit \(0.3s\) exceeded for .*\[{result.id}\]")
+
+
+def test_hard_limit_wins_over_a_handler_that_swallows_the_soft_one(limits: Client) -> None:
+    k = key()
+    started = time.monotonic()
+    result = send(limits, "soft_swallower", k, soft_time_limit=0.2, time_limit=1)
+    with pytest.raises(Exception) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "TimeLimitExceeded"
+    assert time.monotonic() - started < 4
+    assert tallies(limits, k, 1) == {"soft": 1}
+
+
+def test_sync_task_soft_limit_lands_in_its_thread(limits: Client) -> None:
+    k = key()
+    result = send(limits, "sync_soft_cleanup", k, soft_time_limit=0.3)
+    assert result.get(timeout=30) == "cleaned up"
+    assert tallies(limits, k, 1) == {"cleanup": 1}
+
+
+def test_sync_task_hard_limit_is_reported_on_time_and_not_overwritten(
+    limits: Client, limits_worker: Worker
+) -> None:
+    k = key()
+    started = time.monotonic()
+    result = send(limits, "sync_stuck", k, 2.5, time_limit=0.5)
+    with pytest.raises(Exception) as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "TimeLimitExceeded"
+    assert time.monotonic() - started < 2.0  # the thread is still in time.sleep(2.5)
+    wait_for_log(limits_worker, rf"sync task .*\[{result.id}\] hit its hard time limit")
+    time.sleep(2.5)  # the thread returns from its sleep and is interrupted there
+    assert tallies(limits, k, 1) == {"started": 1}
+    assert result.state == "FAILURE"
+    assert type(result.result).__name__ == "TimeLimitExceeded"
+
+
+# -- exception groups --------------------------------------------------------------
+
+
+def test_group_with_one_leaf_is_reported_as_that_leaf(limits: Client) -> None:
+    result = send(limits, "group_failure", ["only one"])
+    with pytest.raises(ValueError, match="only one"):
+        result.get(timeout=30)
+    assert "sub-exception" in result.traceback  # the group's traceback is kept
+
+
+def test_group_with_several_leaves_reaches_the_client_with_every_leaf(limits: Client) -> None:
+    result = send(limits, "group_mixed")
+    with pytest.raises(TaskExceptionGroup) as info:
+        result.get(timeout=30)
+    assert sorted(info.value.types) == ["KeyError", "RuntimeError", "ValueError"]
+    assert {leaf["message"] for leaf in info.value.leaves} == {
+        "bad value",
+        "'missing'",
+        "broken",
+    }
+    for leaf in info.value.leaves:
+        assert "_fail_after" in leaf["traceback"]
+    for text in ("bad value", "missing", "broken", "_fail_after"):
+        assert text in result.traceback
+    assert pickle.loads(pickle.dumps(info.value)).leaves == info.value.leaves
+
+
+def test_retry_inside_a_group_is_a_retry(limits: Client) -> None:
+    k = key()
+    assert send(limits, "group_retry", k).get(timeout=30) == 1
+    assert tallies(limits, k, 2) == {"try0": 1, "try1": 1}
+
+
+def test_reject_inside_a_group_wins_over_other_leaves(limits: Client) -> None:
+    result = send(limits, "group_reject")
+    if CELERY_VERSION >= (5, 5):
+        with pytest.raises(Exception, match="rejected in a group") as info:
+            result.get(timeout=30)
+        assert type(info.value).__name__ == "Reject"
+    else:  # Celery < 5.5 stores nothing for Reject(requeue=False)
+        time.sleep(1)
+        assert result.state == "PENDING"
+
+
+def test_ignore_inside_a_group_stores_nothing(limits: Client) -> None:
+    result = send(limits, "group_ignore")
+    time.sleep(1)
+    assert result.state == "PENDING"
+
+
+def test_time_limits_inside_a_group_map_to_the_time_limit_states(limits: Client) -> None:
+    soft_key, hard_key = key(), key()
+    soft = send(limits, "group_sleepers", soft_key, 30, soft_time_limit=0.3)
+    hard = send(limits, "group_sleepers", hard_key, 30, time_limit=0.5)
+    with pytest.raises(Exception) as soft_info:
+        soft.get(timeout=30)
+    with pytest.raises(Exception) as hard_info:
+        hard.get(timeout=30)
+    assert type(soft_info.value).__name__ == "SoftTimeLimitExceeded"
+    assert type(hard_info.value).__name__ == "TimeLimitExceeded"
+    assert tallies(limits, soft_key, 3) == {"child0": 1, "child1": 1, "child2": 1}
+    assert tallies(limits, hard_key, 3) == {"child0": 1, "child1": 1, "child2": 1}
+
+
+def test_revoke_inside_a_group_is_revoked(limits: Client) -> None:
+    k = key()
+    result = send(limits, "group_sleepers", k, 30)
+    time.sleep(0.5)
+    revoked_at = time.monotonic()
+    result.revoke(terminate=True)
+    while result.state != "REVOKED" and time.monotonic() - revoked_at < 5:
+        time.sleep(0.02)
+    assert result.state == "REVOKED"
+    assert time.monotonic() - revoked_at < 1.0
+    assert tallies(limits, k, 3) == {"child0": 1, "child1": 1, "child2": 1}
+
+
+# -- what a task must not be able to do ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+def test_exit_exceptions_fail_the_task_not_the_worker(limits: Client, kind: str) -> None:
+    sibling = limits.app.signature("tests.workerapp.sleepy", args=(7, 0.5)).apply_async()
+    time.sleep(0.1)
+    result = send(limits, "exits", kind)
+    with pytest.raises(Exception, match=f"raised {kind}") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "TaskExited"
+    assert sibling.get(timeout=30) == 7
+    assert limits.app.signature("tests.workerapp.add", args=(1, 2)).delay().get(timeout=30) == 3
+
+
+def test_unserializable_result_fails_clearly_and_the_worker_goes_on(limits: Client) -> None:
+    result = send(limits, "unserializable")
+    with pytest.raises(Exception, match="not JSON serializable"):
+        result.get(timeout=30)
+    assert result.state == "FAILURE"
+    assert limits.app.signature("tests.workerapp.add", args=(2, 2)).delay().get(timeout=30) == 4
+
+
+def test_unpicklable_exception_fails_clearly(limits: Client) -> None:
+    result = send(limits, "unpicklable_error")
+    with pytest.raises(Exception, match="UnpicklableError") as info:
+        result.get(timeout=30)
+    # Celery's own wrapper names the original type and keeps its repr.
+    assert type(info.value).__name__ == "UnpickleableExceptionWrapper"
+    assert "lock" in str(info.value)
+    assert limits.app.signature("tests.workerapp.add", args=(3, 3)).delay().get(timeout=30) == 6
+
+
+def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
+    limits: Client, limits_worker: Worker
+) -> None:
+    result = send(limits, "blocker", 0.6)
+    assert result.get(timeout=30) == "blocked"
+    found = wait_for_log(
+        limits_worker,
+        rf"event loop was blocked for (\d+\.\d+)s by task tests\.limitsapp\.blocker\[{result.id}\]",
+    )
+    assert 0.5 <= float(found.group(1)) < 2
+    replies = limits.app.control.inspect(timeout=5).stats() or {}
+    pool = next(v["pool"] for k, v in replies.items() if k.startswith(limits_worker.queue))
+    assert pool["loop-lag-ms"]["max"] >= 500
+    assert limits.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
