@@ -94,17 +94,22 @@ class JobRunner:
         self.discarding = False
         self.after_callbacks: Callable[[], None] = lambda: None
 
+    async def admit(self, job: Job) -> None:
+        """Wait for a free slot (``-c``); the loop admits jobs in arrival order."""
+        await self.limiter.acquire_on_behalf_of(job)
+
     async def run(self, job: Job) -> None:
+        """Run an admitted job and give its slot back."""
         try:
-            async with self.limiter:
-                if job.terminated or self.discarding or self._revoked_while_queued(job):
-                    return
-                self.running += 1
-                try:
-                    await self._run_accepted(job)
-                finally:
-                    self.running -= 1
+            if job.terminated or self.discarding or self._revoked_while_queued(job):
+                return
+            self.running += 1
+            try:
+                await self._run_accepted(job)
+            finally:
+                self.running -= 1
         finally:
+            self.limiter.release_on_behalf_of(job)
             self.jobs.pop(job.id, None)
 
     def _revoked_while_queued(self, job: Job) -> bool:

@@ -3,7 +3,10 @@
 The consumer thread hands work over with :meth:`LoopThread.spawn`, which only
 appends to a deque and, when the loop is not already due to look, schedules one
 wake-up: it never waits for the loop.  The loop's main task drains the deque
-into the root task group, so every job is a child of that one nursery.
+into the root task group, so every job is a child of that one nursery.  An
+optional ``admit`` coroutine runs before each spawn, in arrival order: the
+pool's concurrency limit waits there, so jobs start in the order Celery handed
+them over and only admitted jobs exist as tasks.
 Services (the lag monitor) run in an enclosing task group, from before the
 first job until after the last.
 """
@@ -36,6 +39,7 @@ class LoopThread:
         *,
         on_loop_start: Callable[[], None] | None = None,
         services: Sequence[Spawnable] = (),
+        admit: Spawnable | None = None,
         name: str = "celery-anyio-loop",
     ) -> None:
         self.backend = backend
@@ -43,6 +47,7 @@ class LoopThread:
         self._run_options = self._backend.run_options(backend_options or {})
         self._on_loop_start = on_loop_start
         self._services = tuple(services)
+        self._admit = admit
         self._name = name
         self._inbox: deque[tuple[Spawnable, tuple[Any, ...]]] = deque()
         self._wake_pending = False
@@ -131,18 +136,21 @@ class LoopThread:
                 self._root = root
                 self._started.set()
                 while True:
-                    self._drain(root)
+                    await self._drain(root)
                     if self._stop_requested:
                         break
                     await self._wakeup.wait()
                     self._wakeup = anyio.Event()
-                self._drain(root)
+                await self._drain(root)
             services.cancel_scope.cancel()  # services live as long as the jobs
 
-    def _drain(self, root: TaskGroup) -> None:
+    async def _drain(self, root: TaskGroup) -> None:
         inbox = self._inbox
+        admit = self._admit
         while inbox:
             func, args = inbox.popleft()
+            if admit is not None:
+                await admit(*args)  # in arrival order: trio starts tasks in random order
             root.start_soon(func, *args)
 
     def _wake(self) -> None:

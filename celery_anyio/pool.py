@@ -23,8 +23,8 @@ from celery.worker import state as worker_state
 from . import _backends, patches
 from .jobs import Job, JobRunner
 from .loop import LoopThread
-from .watchdog import LoopMonitor
 from .tasks import is_async_task
+from .watchdog import LoopMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Pool(BasePool):  # type: ignore[misc]
             self.backend_options,
             on_loop_start=self._on_loop_start,
             services=[self._monitor.run],
+            admit=self._runner.admit,
         )
         self._loop.start()
         logger.info(

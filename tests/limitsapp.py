@@ -162,7 +162,7 @@ async def unpicklable_error() -> None:
 
 @app.task
 async def blocker(seconds: float) -> str:
-    time.sleep(seconds)  # the mistake this test is about: blocking the loop
+    time.sleep(seconds)  # noqa: ASYNC251 - the mistake this test is about
     return "blocked"
 
 

@@ -1,0 +1,126 @@
+"""Revoke on a real worker: before start, terminate, stamped headers, events, sync tasks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from typing_extensions import Self
+
+from .harness import Client, Namespace, Worker
+from .test_cancellation import key, send, tallies, wait_for_log, wait_until_started
+
+pytestmark = pytest.mark.worker
+
+
+@pytest.fixture(scope="session")
+def narrow_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+    """One task at a time, events on: a second task waits in the pool's queue."""
+    queue = namespace.queue(f"narrow-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "1", "-E"]
+    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def narrow(namespace: Namespace, narrow_worker: Worker) -> Iterator[Client]:
+    client = namespace.client(narrow_worker.queue)
+    yield client
+    client.close()
+
+
+class EventLog:
+    """Task events of one worker, captured in a thread, as Flower would."""
+
+    def __init__(self, client: Client) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, args=(client,), daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10)
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _listen(self, client: Client) -> None:
+        with client.app.connection_for_read() as conn:
+            receiver = client.app.events.Receiver(conn, handlers={"*": self.events.append})
+            self._ready.set()
+            for _ in receiver.itercapture(limit=None, timeout=10, wakeup=False):
+                if self._stop.is_set():
+                    return
+
+    def types(self, task_id: str) -> list[str]:
+        return [e["type"] for e in self.events if e.get("uuid") == task_id]
+
+
+def wait_for_state(result: Any, state: str, timeout: float = 5) -> float:
+    started = time.monotonic()
+    while result.state != state and time.monotonic() - started < timeout:
+        time.sleep(0.02)
+    assert result.state == state
+    return time.monotonic() - started
+
+
+def test_task_revoked_while_queued_in_the_pool_never_starts(narrow: Client) -> None:
+    k = key()
+    first = send(narrow, "counted", k, "first", 1.0)
+    queued = send(narrow, "counted", k, "queued", 0.1)
+    wait_until_started(narrow, k, 1)
+    queued.revoke()  # no terminate: it has not started
+    assert first.get(timeout=30) == "first"
+    wait_for_state(queued, "REVOKED")
+    time.sleep(0.5)
+    assert "started:queued" not in tallies(narrow, k)
+
+
+def test_terminate_sends_one_revoke_event_and_runs_finally(narrow: Client) -> None:
+    k = key()
+    with EventLog(narrow) as log:
+        result = narrow.app.signature("tests.workerapp.guarded", args=(k, 30)).apply_async()
+        deadline = time.monotonic() + 10
+        while "task-started" not in log.types(result.id) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result.revoke(terminate=True)
+        assert wait_for_state(result, "REVOKED") < 1.0
+        assert tallies(narrow, k, 1) == {"finally": 1}
+        time.sleep(1)
+    assert log.types(result.id).count("task-revoked") == 1
+    assert "task-failed" not in log.types(result.id)
+
+
+def test_revoke_by_stamped_headers_terminates(narrow: Client) -> None:
+    k = key()
+    stamp = key()
+    sig = narrow.app.signature("tests.limitsapp.counted", args=(k, "stamped", 30))
+    sig.stamp(celery_anyio_test=stamp)
+    result = sig.apply_async()
+    wait_until_started(narrow, k, 1)
+    narrow.app.control.revoke_by_stamped_headers({"celery_anyio_test": stamp}, terminate=True)
+    assert wait_for_state(result, "REVOKED") < 1.0
+    time.sleep(0.3)
+    assert "finished:stamped" not in tallies(narrow, k)
+
+
+def test_terminating_a_sync_task_stops_its_thread_when_it_can(
+    narrow: Client, narrow_worker: Worker
+) -> None:
+    k = key()
+    result = send(narrow, "sync_stuck", k, 1.5)
+    tallies(narrow, k, 1)
+    result.revoke(terminate=True)
+    assert wait_for_state(result, "REVOKED") < 1.0
+    wait_for_log(narrow_worker, rf"sync task .*\[{result.id}\] was revoked")
+    time.sleep(1.8)  # the thread returns from time.sleep and is interrupted there
+    assert tallies(narrow, k) == {"started": 1}
+    assert result.state == "REVOKED"
+    assert narrow.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
