@@ -17,6 +17,7 @@ __all__ = ["Pool", "WrongPoolError", "__version__"]
 __version__ = "0.1.0"
 
 patches.install_app_hooks()
+patches.install_aio_methods()
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,11 @@ to switch patches off (``all`` switches off every one):
     tracer awaits it, eager mode runs it, and other pools fail loudly.
 ``cli``
     Teach ``celery worker`` ``-P module:Class`` and ``--backend/--anyio-backend``.
+``aio``
+    Add the async client methods (see :mod:`celery_anyio.aio`): ``Task.adelay``,
+    ``Task.aapply_async``, ``Signature.adelay``, ``Signature.aapply_async``,
+    ``Celery.asend_task``, ``AsyncResult.aget`` and ``ResultSet.aget``.  Only
+    adds them: a name Celery already has is left alone.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from celery import _state
 
 from .context import make_ident_func
 
-PATCHES = ("stacks", "tasks", "cli")
+PATCHES = ("stacks", "tasks", "cli", "aio")
 BACKEND_SETTING = "worker_anyio_backend"
 
 
@@ -158,3 +163,71 @@ def _import_pool(path: str, fail: Any) -> Any:
     if not (isinstance(pool, type) and issubclass(pool, BasePool)):
         fail(f"{path!r} is not a celery.concurrency.base.BasePool subclass")
     return pool
+
+
+# -- aio ---------------------------------------------------------------------
+
+
+def install_aio_methods() -> None:
+    """Give Celery's classes the async client methods, under the names users guess."""
+    if not enabled("aio"):
+        return
+    from celery.app.base import Celery
+    from celery.app.task import Task
+    from celery.canvas import Signature
+    from celery.result import AsyncResult, ResultSet
+
+    methods: list[tuple[type, Any]] = [
+        (Task, adelay),
+        (Task, aapply_async),
+        (Signature, adelay),  # chain, group and chord are Signatures too
+        (Signature, aapply_async),
+        (Celery, asend_task),
+        (AsyncResult, aget),
+        (ResultSet, aget),  # and GroupResult
+    ]
+    for cls, method in methods:
+        # Never replace: a Celery that ships its own method of that name wins.
+        if not hasattr(cls, method.__name__):
+            setattr(cls, method.__name__, method)
+
+
+# Thin methods: `import celery_anyio` must not import anyio (the CLI plugin
+# imports it for every `celery` command); celery_anyio.aio does, on first use.
+
+
+async def adelay(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Like ``delay()``, awaited. See :func:`celery_anyio.aio.adelay`."""
+    from . import aio
+
+    return await aio.adelay(self, *args, **kwargs)
+
+
+async def aapply_async(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    """Like ``apply_async()``, awaited. See :func:`celery_anyio.aio.aapply_async`."""
+    from . import aio
+
+    return await aio.aapply_async(self, args, kwargs, **options)
+
+
+async def asend_task(
+    self: Any, name: str, args: Any = None, kwargs: Any = None, **options: Any
+) -> Any:
+    """Like ``send_task()``, awaited. See :func:`celery_anyio.aio.asend_task`."""
+    from . import aio
+
+    return await aio.asend_task(self, name, args, kwargs, **options)
+
+
+async def aget(
+    self: Any,
+    timeout: float | None = None,
+    propagate: bool = True,
+    interval: float = 0.5,
+    *,
+    follow_parents: bool = True,
+) -> Any:
+    """Like ``get()``, awaited without blocking the loop. See :func:`celery_anyio.aio.aget`."""
+    from . import aio
+
+    return await aio.aget(self, timeout, propagate, interval, follow_parents=follow_parents)
