@@ -62,6 +62,7 @@ class Job:
     id: int = field(default_factory=lambda: next(_job_ids))
     accepted: bool = False
     terminated: bool = False
+    stop_reason: str = "hit its hard time limit"
     scope: CancelScope | None = None
     thread: ThreadSlot | None = None
 
@@ -206,7 +207,7 @@ class JobRunner:
         """The job ended (hard limit, revoke, shutdown) while its thread runs on."""
         assert job.thread is not None
         if job.thread.interrupt(ThreadInterrupted):
-            reason = "was revoked" if job.terminated else "hit its hard time limit"
+            reason = job.stop_reason
             if not job.terminated and not scope.cancel_called:
                 reason = "was cancelled by shutdown"
             logger.warning(

@@ -179,6 +179,7 @@ class Pool(BasePool):  # type: ignore[misc]
         if job is None or self._loop is None:
             return
         job.terminated = True
+        job.stop_reason = "was terminated (revoke or cold shutdown)"
         scope = job.scope
         if scope is not None:
             self._loop.call_soon(scope.cancel)

@@ -181,3 +181,8 @@ async def counted(key: str, member: str, seconds: float) -> str:
     await anyio.sleep(seconds)
     _tally(key, f"finished:{member}")
     return member
+
+
+@app.task
+def sync_exits() -> None:
+    raise SystemExit(4)

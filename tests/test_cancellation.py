@@ -246,3 +246,33 @@ def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
     pool = next(v["pool"] for k, v in replies.items() if k.startswith(limits_worker.queue))
     assert pool["loop-lag-ms"]["max"] >= 500
     assert limits.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
+
+
+@pytest.mark.parametrize("broker", ["redis"], scope="session")
+def test_several_leaves_round_trip_through_the_pickle_serializer(
+    namespace: Namespace, pool_backend: str
+) -> None:
+    # Task messages stay JSON (a root worker refuses to accept pickled ones).
+    conf = {"result_serializer": "pickle", "result_accept_content": ["json", "pickle"]}
+    queue = namespace.queue(f"pickle-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    with Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp"):
+        client = namespace.client(queue)
+        client.app.conf.update(result_serializer="pickle", result_accept_content=["json", "pickle"])
+        try:
+            result = send(client, "group_mixed")
+            with pytest.raises(TaskExceptionGroup) as info:
+                result.get(timeout=30)
+            assert sorted(info.value.types) == ["KeyError", "RuntimeError", "ValueError"]
+            assert all("_fail_after" in leaf["traceback"] for leaf in info.value.leaves)
+            assert "broken" in result.traceback
+        finally:
+            client.close()
+
+
+def test_sync_task_exit_fails_the_task_not_the_worker(limits: Client) -> None:
+    result = send(limits, "sync_exits")
+    with pytest.raises(Exception, match="raised SystemExit") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "TaskExited"
+    assert limits.app.signature("tests.workerapp.add", args=(5, 5)).delay().get(timeout=30) == 10

@@ -119,7 +119,7 @@ def test_terminating_a_sync_task_stops_its_thread_when_it_can(
     tallies(narrow, k, 1)
     result.revoke(terminate=True)
     assert wait_for_state(result, "REVOKED") < 1.0
-    wait_for_log(narrow_worker, rf"sync task .*\[{result.id}\] was revoked")
+    wait_for_log(narrow_worker, rf"sync task .*\[{result.id}\] was terminated")
     time.sleep(1.8)  # the thread returns from time.sleep and is interrupted there
     assert tallies(narrow, k) == {"started": 1}
     assert result.state == "REVOKED"

@@ -122,3 +122,22 @@ def test_sigterm_then_sigquit_stops_promptly(namespace: Namespace, pool_backend:
     finally:
         worker.stop()
         client.close()
+
+
+def test_cold_shutdown_does_not_wait_for_a_stuck_sync_thread(
+    namespace: Namespace, pool_backend: str
+) -> None:
+    worker = start_worker(namespace, pool_backend, "stuck")
+    client = namespace.client(worker.queue)
+    try:
+        k = key()
+        send(client, "sync_stuck", k, 60)
+        tallies(client, k, 1)
+        stopped_at = time.monotonic()
+        worker.signal(signal.SIGQUIT)
+        worker.wait(EXIT_BOUND)
+        assert time.monotonic() - stopped_at < EXIT_BOUND
+        wait_for_log(worker, r"sync task .*sync_stuck.* was terminated .* cannot be stopped")
+    finally:
+        worker.stop()
+        client.close()
