@@ -67,8 +67,11 @@ def _patch_stack(stack: Any) -> None:
 # -- tasks -------------------------------------------------------------------
 
 
-def wrap_async_tasks(app: Any) -> list[str]:
-    """Wrap every registered ``async def`` task of ``app``; return their names."""
+def wrap_async_tasks(app: Any, only_new: bool = False) -> list[str]:
+    """Wrap every registered ``async def`` task of ``app``; return their names.
+
+    With ``only_new``, return only the names of tasks wrapped by this call.
+    """
     from .tasks import is_async_task, wrap_run
 
     if not enabled("tasks"):
@@ -76,8 +79,7 @@ def wrap_async_tasks(app: Any) -> list[str]:
     patch_request_stacks(app)
     names = []
     for name, task in app.tasks.items():
-        if is_async_task(task):
-            wrap_run(task)
+        if is_async_task(task) and (wrap_run(task) or not only_new):
             names.append(name)
     return names
 

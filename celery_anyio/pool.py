@@ -171,7 +171,23 @@ class Pool(BasePool):  # type: ignore[misc]
         if known is None and self.app is not None:
             task = self.app.tasks.get(name)
             known = self._async_tasks[name] = task is not None and is_async_task(task)
+            if known:
+                self._wrap_late_task(name, task)
         return bool(known)
+
+    def _wrap_late_task(self, name: str, task: Any) -> None:
+        """An async task registered after start (``worker.reload()``, a late import).
+
+        Its tracer was built around the bare coroutine function: wrap the task and
+        build the tracer again, as ``Consumer.update_strategies`` does.
+        """
+        if name not in patches.wrap_async_tasks(self.app, only_new=True):
+            return
+        if getattr(task, "__trace__", None) is not None:
+            hostname = (self.options.get("initargs") or (None, None))[1]
+            task.__trace__ = celery_trace.build_tracer(
+                name, task, self.app.loader, hostname, app=self.app
+            )
 
     def terminate_job(self, pid: int, signal: Any = None) -> None:
         """Cancel the job Celery knows by ``pid`` (our job id), never a process."""

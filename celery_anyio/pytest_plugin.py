@@ -200,16 +200,6 @@ class _WorkController(TestWorkController):  # type: ignore[misc]
             self.thread.join(DEFAULT_SHUTDOWN_TIMEOUT)
         worker_state.should_terminate = None
 
-    def reload(self, modules: Any = None, reload: bool = False, reloader: Any = None) -> None:
-        """Celery's reload, wrapping async tasks defined since the pool started.
-
-        The tracers that ``update_strategies`` builds keep the task's ``run``, so
-        the wrapping has to come between importing the modules and that.
-        """
-        list(self._reload_modules(modules, force_reload=reload, reloader=reloader))
-        patches.wrap_async_tasks(self.app)
-        super().reload(modules=(), reloader=reloader)
-
 
 def _wake_for_stop(app: Any, worker: _WorkController) -> None:
     """Make the consumer see the stop now, not after its next poll times out.

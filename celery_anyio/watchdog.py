@@ -49,9 +49,7 @@ class LoopMonitor:
         self._loop_thread = threading.get_ident()
         self._last_tick = monotonic()
         if self.block_warning > 0:
-            threading.Thread(
-                target=self._watch, name="celery-anyio-watchdog", daemon=True
-            ).start()
+            threading.Thread(target=self._watch, name="celery-anyio-watchdog", daemon=True).start()
         try:
             while True:
                 await self.tick()
