@@ -258,3 +258,37 @@ async def signalled(self: Any, key: str, fail: bool) -> str:
     if fail:
         raise RuntimeError("signalled failure")
     return "ok"
+
+
+# -- the async client API inside a worker (tests/test_aio.py) ------------------
+
+
+@app.task(bind=True)
+async def lineage(self: Any, depth: int) -> list[dict[str, Any]]:
+    """Send the next level with ``adelay`` and await it with ``aget``, as a task."""
+    request = self.request
+    me = {"id": request.id, "parent_id": request.parent_id, "root_id": request.root_id}
+    if depth <= 0:
+        return [me]
+    child = await lineage.adelay(depth - 1)
+    return [me, *await child.aget(timeout=30)]
+
+
+@app.task
+async def fan_out(n: int) -> list[int]:
+    """Send a group from a task and await all of it."""
+    from celery import group
+
+    result = await group(add.s(i, i) for i in range(n)).aapply_async()
+    return list(await result.aget(timeout=30))
+
+
+class Kaput(Exception):
+    """A task's own exception type: a client that can import it gets it back."""
+
+
+# `throws`: an expected error, logged at INFO, so the shared worker's log stays clean.
+@app.task(throws=(Kaput,))
+async def kaput(message: str) -> None:
+    await anyio.sleep(0.01)
+    raise Kaput(message)
