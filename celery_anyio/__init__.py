@@ -8,16 +8,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import patches
-from .errors import WrongPoolError
+from .errors import TaskExceptionGroup, TaskExited, WrongPoolError
+from .worker_lifespan import NoLifespanError, lifespan, resources
 
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["Pool", "WrongPoolError", "__version__"]
+__all__ = [
+    "NoLifespanError",
+    "Pool",
+    "TaskExceptionGroup",
+    "TaskExited",
+    "WrongPoolError",
+    "__version__",
+    "lifespan",
+    "resources",
+]
 __version__ = "0.1.0"
 
 patches.install_app_hooks()
 patches.install_aio_methods()
+patches.install_async_receivers()
 
 
 def __getattr__(name: str) -> Any:

@@ -130,7 +130,7 @@ class JobRunner:
         with CancelScope(deadline=_anyio_deadline(deadline)) as scope:
             job.scope = scope
             job.accepted = True
-            self._call(job.accept_callback, job.id, monotonic())
+            await self._acall(job.accept_callback, job.id, monotonic())
             try:
                 outcome = ("done", await self._trace(job))
             except anyio.get_cancelled_exc_class():
@@ -143,11 +143,11 @@ class JobRunner:
             return  # Request announces terminate/cancel itself; cold shutdown: nothing
         if scope.cancel_called:
             logger.debug("job %s hit its hard time limit", job.id)
-            self._call(job.timeout_callback, False, job.timeout)
+            await self._acall(job.timeout_callback, False, job.timeout)
         elif outcome[0] == "done":
-            self._call(job.callback, outcome[1])
+            await self._acall(job.callback, outcome[1])
         elif outcome[0] == "error":
-            self._call(job.error_callback, outcome[1])
+            await self._acall(job.error_callback, outcome[1])
         self.after_callbacks()
 
     async def _trace(self, job: Job) -> Any:
@@ -218,6 +218,12 @@ class JobRunner:
                 reason,
                 job.thread.thread_name,
             )
+
+    async def _acall(self, callback: Callback | None, *args: Any) -> None:
+        """Call a Celery callback in the bridge, so async signal receivers it
+        sends to (``task_failure`` on a hard limit, ...) are awaited on the loop."""
+        if callback is not None:
+            await bridge.run_bridged(self._call, callback, *args)
 
     def _call(self, callback: Callback | None, *args: Any) -> None:
         if callback is None:

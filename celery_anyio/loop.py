@@ -8,7 +8,7 @@ optional ``admit`` coroutine runs before each spawn, in arrival order: the
 pool's concurrency limit waits there, so jobs start in the order Celery handed
 them over and only admitted jobs exist as tasks.
 Services (the lag monitor) run in an enclosing task group, from before the
-first job until after the last.
+first job until after the last, and the worker lifespan encloses them all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -40,6 +42,7 @@ class LoopThread:
         on_loop_start: Callable[[], None] | None = None,
         services: Sequence[Spawnable] = (),
         admit: Spawnable | None = None,
+        lifespan: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
         name: str = "celery-anyio-loop",
     ) -> None:
         self.backend = backend
@@ -48,6 +51,7 @@ class LoopThread:
         self._on_loop_start = on_loop_start
         self._services = tuple(services)
         self._admit = admit
+        self._lifespan = lifespan
         self._name = name
         self._inbox: deque[tuple[Spawnable, tuple[Any, ...]]] = deque()
         self._wake_pending = False
@@ -129,7 +133,7 @@ class LoopThread:
         self._wakeup = anyio.Event()
         if self._on_loop_start is not None:
             self._on_loop_start()
-        async with anyio.create_task_group() as services:
+        async with self._enter_lifespan(), anyio.create_task_group() as services:
             for service in self._services:
                 services.start_soon(service)
             async with anyio.create_task_group() as root:
@@ -143,6 +147,11 @@ class LoopThread:
                     self._wakeup = anyio.Event()
                 await self._drain(root)
             services.cancel_scope.cancel()  # services live as long as the jobs
+
+    def _enter_lifespan(self) -> AbstractAsyncContextManager[Any]:
+        if self._lifespan is None:
+            return nullcontext()
+        return _LifespanEntry(self._lifespan())
 
     async def _drain(self, root: TaskGroup) -> None:
         inbox = self._inbox
@@ -163,3 +172,24 @@ class LoopThread:
         if self._root is not None:
             self._root.cancel_scope.cancel()
         self._wake()
+
+
+class _LifespanEntry:
+    """The user's lifespan, with a clear error if it fails to enter."""
+
+    def __init__(self, manager: AbstractAsyncContextManager[Any]) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await self._manager.__aenter__()
+        except Exception as exc:
+            raise RuntimeError(f"the worker lifespan failed to start: {exc!r}") from exc
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._manager.__aexit__(exc_type, exc, tb)

@@ -17,6 +17,10 @@ to switch patches off (``all`` switches off every one):
     ``Task.aapply_async``, ``Signature.adelay``, ``Signature.aapply_async``,
     ``Celery.asend_task``, ``AsyncResult.aget`` and ``ResultSet.aget``.  Only
     adds them: a name Celery already has is left alone.
+``signals``
+    Let ``async def`` receivers of Celery's signals be awaited (see
+    :mod:`celery_anyio.receivers`): ``Signal._live_receivers`` hands ``send`` a
+    synchronous stand-in for each of them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from celery import _state
 
 from .context import make_ident_func
 
-PATCHES = ("stacks", "tasks", "cli", "aio")
+PATCHES = ("stacks", "tasks", "cli", "aio", "signals")
 BACKEND_SETTING = "worker_anyio_backend"
 
 
@@ -233,3 +237,28 @@ async def aget(
     from . import aio
 
     return await aio.aget(self, timeout, propagate, interval, follow_parents=follow_parents)
+
+
+# -- signals -----------------------------------------------------------------
+
+
+def install_async_receivers() -> None:
+    """Make Celery's signals run ``async def`` receivers to completion, in order."""
+    if not enabled("signals"):
+        return
+    from celery.utils.dispatch.signal import Signal
+
+    stock = Signal._live_receivers
+    if getattr(stock, "_celery_anyio_patched", False):
+        return
+
+    def _live_receivers(self: Any, sender: Any) -> list[Any]:
+        from .receivers import is_async_receiver, sync_stand_in
+
+        receivers: list[Any] = stock(self, sender)
+        if not any(is_async_receiver(r) for r in receivers):
+            return receivers
+        return [sync_stand_in(r) if is_async_receiver(r) else r for r in receivers]
+
+    _live_receivers._celery_anyio_patched = True  # type: ignore[attr-defined]
+    Signal._live_receivers = _live_receivers

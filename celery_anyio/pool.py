@@ -20,9 +20,10 @@ from celery.app import trace as celery_trace
 from celery.concurrency.base import BasePool
 from celery.worker import state as worker_state
 
-from . import _backends, patches
+from . import _backends, patches, worker_lifespan
 from .jobs import Job, JobRunner
 from .loop import LoopThread
+from .receivers import WorkerLoop
 from .tasks import is_async_task
 from .watchdog import LoopMonitor
 
@@ -81,6 +82,7 @@ class Pool(BasePool):  # type: ignore[misc]
             on_loop_start=self._on_loop_start,
             services=[self._monitor.run],
             admit=self._runner.admit,
+            lifespan=worker_lifespan.load(self.app),
         )
         self._loop.start()
         logger.info(
@@ -93,6 +95,7 @@ class Pool(BasePool):  # type: ignore[misc]
     def _on_loop_start(self) -> None:
         if self.app is not None:
             self.app.set_current()
+        WorkerLoop.set(self.backend)
 
     def did_start_ok(self) -> bool:
         return self._loop is not None and self._loop.running
@@ -218,6 +221,7 @@ class Pool(BasePool):  # type: ignore[misc]
         while not loop.join(STOP_POLL_SECONDS):
             if worker_state.should_terminate is not None and not self._runner.discarding:
                 self._cancel_all(loop)
+        WorkerLoop.clear()
         logger.info("celery_anyio: event loop lag (ms, last minute): %s", self._monitor.stats())
 
     def on_terminate(self) -> None:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
-
-import anyio
-import anyio.lowlevel
 
 from . import bridge
 from .context import job_identity
 from .errors import WrongPoolError
+from .ownloop import run_on_own_loop
 
 _WRAPPED = "__celery_anyio_run__"
 
@@ -77,24 +74,5 @@ def run_to_completion(task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any
     a helper thread, which keeps the caller's request stack visible to it.
     """
     backend = task.app.conf.get("worker_anyio_backend") or "asyncio"
-    try:
-        anyio.lowlevel.current_token()
-    except Exception:  # noqa: BLE001 - NoEventLoopError, or none of ours
-        return anyio.run(make_coro, backend=backend)
-
     identity = task.request_stack.__ident_func__()
-    outcome: dict[str, Any] = {}
-
-    def in_thread() -> None:
-        job_identity.set(identity)
-        try:
-            outcome["value"] = anyio.run(make_coro, backend=backend)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=in_thread, name="celery-anyio-eager")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return run_on_own_loop(make_coro, backend, before=lambda: job_identity.set(identity))

@@ -186,3 +186,9 @@ async def counted(key: str, member: str, seconds: float) -> str:
 @app.task
 def sync_exits() -> None:
     raise SystemExit(4)
+
+
+async def broken_lifespan(app: Any) -> Any:
+    """A lifespan whose resource cannot be opened (``worker_anyio_lifespan``)."""
+    raise ConnectionError("database unreachable")
+    yield  # an async generator function, like any lifespan

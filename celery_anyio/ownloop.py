@@ -1,0 +1,51 @@
+"""Run a coroutine to completion from synchronous code, on a loop of its own.
+
+Used where no worker loop can take it: eager mode (``task.apply()``) and
+signal receivers sent outside a worker.  A thread that already runs an event
+loop cannot start another, so there the coroutine runs on a helper thread
+while the caller waits.  The helper does not copy the caller's context (it
+holds the caller's running-loop markers); ``before`` sets what it needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+
+def run_on_own_loop(
+    make_coro: Callable[[], Coroutine[Any, Any, Any]],
+    backend: str,
+    before: Callable[[], object] | None = None,
+) -> Any:
+    """``anyio.run(make_coro)``, in a helper thread if this one runs a loop.
+
+    ``before`` runs first in the thread that runs the loop.
+    """
+    try:
+        anyio.lowlevel.current_token()
+    except Exception:  # noqa: BLE001 - NoEventLoopError: this thread runs no loop
+        if before is not None:
+            before()
+        return anyio.run(make_coro, backend=backend)
+
+    outcome: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        if before is not None:
+            before()
+        try:
+            outcome["value"] = anyio.run(make_coro, backend=backend)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=in_thread, name="celery-anyio-own-loop")
+    helper.start()
+    helper.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

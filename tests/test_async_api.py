@@ -1,0 +1,140 @@
+"""Worker lifespan, async signal receivers and remote control on a real worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .harness import Client, Namespace, Worker
+from .test_cancellation import wait_for_log
+
+pytestmark = pytest.mark.worker
+
+EXAMPLE = "docs.examples.worker_resources"
+
+
+@pytest.fixture(scope="session")
+def resources_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+    queue = namespace.queue(f"resources-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "100"]
+    with Worker(namespace, queue, args, app_module=EXAMPLE) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def resources_client(namespace: Namespace, resources_worker: Worker) -> Iterator[Client]:
+    client = namespace.client(resources_worker.queue)
+    yield client
+    client.close()
+
+
+def pool_stats(client: Client, worker: Worker) -> dict[str, Any]:
+    replies = client.app.control.inspect(timeout=5).stats() or {}
+    return next(v["pool"] for k, v in replies.items() if k.startswith(worker.queue))
+
+
+def node(client: Client, worker: Worker) -> list[str]:
+    replies = client.app.control.ping(timeout=2)
+    return [name for reply in replies for name in reply if name.startswith(worker.queue)]
+
+
+def test_lifespan_resources_are_shared_by_every_task(
+    resources_client: Client, resources_worker: Worker
+) -> None:
+    sig = resources_client.app.signature(f"{EXAMPLE}.use_resource")
+    results = [sig.apply_async() for _ in range(50)]
+    seen = [r.get(timeout=30) for r in results]
+    assert len({s["resources"] for s in seen}) == 1  # one object for the whole worker
+    assert all(s["prerun_saw_me"] for s in seen)  # async task_prerun ran first, on the loop
+    log = resources_worker.log()
+    assert log.count("lifespan: entered on celery-anyio-loop") == 1
+    assert "worker_ready receiver ran on celery-anyio-loop" in log
+    assert "this receiver always fails" in log  # logged by Celery; the tasks succeeded
+
+
+def test_lifespan_exits_after_the_last_task_on_warm_shutdown(
+    namespace: Namespace, pool_backend: str
+) -> None:
+    queue = namespace.queue(f"lifespan-stop-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    worker = Worker(namespace, queue, args, app_module=EXAMPLE).start()
+    client = namespace.client(queue)
+    try:
+        sig = client.app.signature(f"{EXAMPLE}.use_resource")
+        results = [sig.apply_async() for _ in range(5)]
+        for r in results:
+            r.get(timeout=30)
+        worker.stop()
+        log = worker.log()
+        assert "lifespan: exited after 5 calls" in log
+        assert log.index("lifespan: exited") > log.rindex("succeeded in")
+    finally:
+        worker.stop()
+        client.close()
+
+
+def test_a_lifespan_that_fails_stops_the_worker_with_a_clear_error(
+    namespace: Namespace, pool_backend: str
+) -> None:
+    queue = namespace.queue(f"lifespan-fail-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    conf = {"worker_anyio_lifespan": "tests.limitsapp:broken_lifespan"}
+    worker = Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp")
+    with pytest.raises(RuntimeError, match="worker exited with 1"):
+        worker.start()
+    assert "the worker lifespan failed to start: ConnectionError('database unreachable')" in (
+        worker.log()
+    )
+
+
+def test_pool_grow_and_shrink_resize_the_limit_live(
+    resources_client: Client, resources_worker: Worker
+) -> None:
+    destination = node(resources_client, resources_worker)
+    assert pool_stats(resources_client, resources_worker)["max-concurrency"] == 100
+    resources_client.app.control.pool_grow(20, destination=destination, reply=True)
+    assert pool_stats(resources_client, resources_worker)["max-concurrency"] == 120
+    resources_client.app.control.pool_shrink(30, destination=destination, reply=True)
+    stats = pool_stats(resources_client, resources_worker)
+    assert stats["max-concurrency"] == 90
+    assert stats["backend"] in ("asyncio", "trio")
+    assert set(stats["loop-lag-ms"]) == {"last", "p50", "p99", "max"}
+    assert "running" in stats
+
+
+def test_shrunk_limit_bounds_running_tasks(namespace: Namespace, pool_backend: str) -> None:
+    queue = namespace.queue(f"shrink-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "4"]
+    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
+        client = namespace.client(queue)
+        try:
+            client.app.control.pool_shrink(3, destination=node(client, worker), reply=True)
+            started = time.monotonic()
+            sig = client.app.signature("tests.workerapp.sleepy")
+            results = [sig.clone(args=(i, 0.5)).apply_async() for i in range(3)]
+            assert sorted(r.get(timeout=30) for r in results) == [0, 1, 2]
+            assert time.monotonic() - started >= 1.4  # one at a time: 3 x 0.5 s
+        finally:
+            client.close()
+
+
+def test_autoscale_grows_the_pool_under_load(namespace: Namespace, pool_backend: str) -> None:
+    queue = namespace.queue(f"autoscale-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "--autoscale=40,2"]
+    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
+        client = namespace.client(queue)
+        try:
+            assert pool_stats(client, worker)["max-concurrency"] == 2
+            sig = client.app.signature("tests.workerapp.sleepy")
+            started = time.monotonic()
+            results = [sig.clone(args=(i, 2.0)).apply_async() for i in range(40)]
+            wait_for_log(worker, r"Scaling up", timeout=15)
+            assert sorted(r.get(timeout=60) for r in results) == list(range(40))
+            # At 2 at a time this is 40 s; grown, a few rounds of 2 s.
+            assert time.monotonic() - started < 20
+            assert pool_stats(client, worker)["max-concurrency"] > 2
+        finally:
+            client.close()
