@@ -66,6 +66,7 @@ class Pool(BasePool):  # type: ignore[misc]
             JobRunner._run_accepted.__code__,
         )
         self._loop: LoopThread | None = None
+        self._loop_name: str | None = None
         self._async_tasks: dict[str, bool] = {}
         self._consumer_waker: socket.socket | None = None
 
@@ -96,6 +97,7 @@ class Pool(BasePool):  # type: ignore[misc]
         if self.app is not None:
             self.app.set_current()
         WorkerLoop.set(self.backend)
+        self._loop_name = self._runner.backend.loop_name()
 
     def did_start_ok(self) -> bool:
         return self._loop is not None and self._loop.running
@@ -259,6 +261,7 @@ class Pool(BasePool):  # type: ignore[misc]
         info.update(
             {
                 "backend": self.backend,
+                "loop": self._loop_name,
                 "running": self._runner.running,
                 "queued": max(0, len(self._runner.jobs) - self._runner.running),
                 "threads": self.thread_limit,

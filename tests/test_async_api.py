@@ -100,7 +100,7 @@ def test_pool_grow_and_shrink_resize_the_limit_live(
     resources_client.app.control.pool_shrink(30, destination=destination, reply=True)
     stats = pool_stats(resources_client, resources_worker)
     assert stats["max-concurrency"] == 90
-    assert stats["backend"] in ("asyncio", "trio")
+    assert (stats["backend"], stats["loop"]) in (("asyncio", "asyncio"), ("trio", "trio"))
     assert set(stats["loop-lag-ms"]) == {"last", "p50", "p99", "max"}
     assert "running" in stats
 
@@ -136,5 +136,22 @@ def test_autoscale_grows_the_pool_under_load(namespace: Namespace, pool_backend:
             # At 2 at a time this is 40 s; grown, a few rounds of 2 s.
             assert time.monotonic() - started < 20
             assert pool_stats(client, worker)["max-concurrency"] > 2
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("broker", ["redis"], scope="session")
+def test_uvloop_opt_in(namespace: Namespace) -> None:
+    queue = namespace.queue("uvloop")
+    args = ["-P", "celery_anyio:Pool", "--backend=asyncio"]
+    conf = {"worker_anyio_backend_options": {"use_uvloop": True}}
+    with Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp") as worker:
+        client = namespace.client(queue)
+        try:
+            stats = pool_stats(client, worker)
+            assert (stats["backend"], stats["loop"]) == ("asyncio", "uvloop")
+            sig = client.app.signature("tests.workerapp.sleepy")
+            results = [sig.clone(args=(i, 0.2)).apply_async() for i in range(20)]
+            assert sorted(r.get(timeout=30) for r in results) == list(range(20))
         finally:
             client.close()

@@ -24,6 +24,9 @@ class BackendModule(Protocol):
     def run_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Translate celery_anyio backend options into ``anyio.run`` options."""
 
+    def loop_name(self) -> str:
+        """The running event loop's implementation (``asyncio``, ``uvloop``, ``trio``)."""
+
     def cancellation_sent(self, value: object) -> BaseException | None:
         """The cancellation a task is resumed with, when it comes as a sent value.
 

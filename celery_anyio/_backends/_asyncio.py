@@ -22,6 +22,10 @@ def run_options(options: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
 def cancellation_sent(value: object) -> BaseException | None:
     return None  # asyncio throws cancellations in; nothing is ever sent
 

@@ -22,6 +22,10 @@ def run_options(options: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def loop_name() -> str:
+    return "trio"
+
+
 def cancellation_sent(value: object) -> BaseException | None:
     if isinstance(value, outcome.Error) and isinstance(value.error, trio.Cancelled):
         return value.error
