@@ -155,3 +155,35 @@ def test_uvloop_opt_in(namespace: Namespace) -> None:
             assert sorted(r.get(timeout=30) for r in results) == list(range(20))
         finally:
             client.close()
+
+
+def test_the_documented_cli_commands(
+    namespace: Namespace, resources_client: Client, resources_worker: Worker
+) -> None:
+    """`celery control pool_grow` and `celery inspect stats`, as docs/async-worker.md shows."""
+    import json
+    import subprocess
+    import sys
+
+    from .harness import ROOT
+
+    destination = node(resources_client, resources_worker)[0]
+
+    def celery(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", EXAMPLE, *args, "-d", destination],
+            cwd=ROOT,
+            env=namespace.env(resources_worker.queue),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout
+
+    before = json.loads(celery("inspect", "stats", "--json"))[destination]["pool"]
+    assert "pool will grow" in celery("control", "pool_grow", "7")
+    after = json.loads(celery("inspect", "stats", "--json"))[destination]["pool"]
+    assert after["max-concurrency"] == before["max-concurrency"] + 7
+    assert after["implementation"] == "celery_anyio.pool:Pool"
+    assert set(after["loop-lag-ms"]) == {"last", "p50", "p99", "max"}
