@@ -82,3 +82,18 @@ def client(namespace: Namespace, worker: Worker) -> Iterator[Client]:
     c = namespace.client(worker.queue)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def limits_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+    queue = namespace.queue(f"limits-{pool_backend}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
+    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def limits(namespace: Namespace, limits_worker: Worker) -> Iterator[Client]:
+    client = namespace.client(limits_worker.queue)
+    yield client
+    client.close()

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
+import celery
+import redis
 from celery import Celery
 from typing_extensions import Self
 
@@ -170,3 +174,42 @@ class Worker:
         self.stop()
         if exc_type is not None:
             sys.stderr.write(f"--- worker log {self.log_path} ---\n{self.log()[-20000:]}\n")
+
+
+CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
+
+
+def send(client: Client, name: str, *args: Any, **options: Any) -> Any:
+    return client.app.signature(f"tests.limitsapp.{name}", args=args).apply_async(**options)
+
+
+def tallies(client: Client, key: str, expected: int = 0, timeout: float = 10) -> dict[str, int]:
+    store = redis.Redis.from_url(client.app.conf.result_backend)
+    deadline = time.monotonic() + timeout
+    while store.hlen(key) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {k.decode(): int(v) for k, v in store.hgetall(key).items()}
+
+
+def wait_for_log(worker: Worker, pattern: str, timeout: float = 10) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, worker.log())
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in the worker log:\n{worker.log()[-5000:]}")
+
+
+def wait_until_started(client: Client, key: str, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = tallies(client, key, timeout=0)
+        if sum(1 for name in seen if name.startswith("started:")) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} tasks did not start: {tallies(client, key, timeout=0)}")
+
+
+def key() -> str:
+    return f"celery-anyio-test:{uuid.uuid4().hex}"

@@ -192,3 +192,15 @@ async def broken_lifespan(app: Any) -> Any:
     """A lifespan whose resource cannot be opened (``worker_anyio_lifespan``)."""
     raise ConnectionError("database unreachable")
     yield  # an async generator function, like any lifespan
+
+
+@app.task(bind=True)
+async def logs_its_id(self: Any, rounds: int) -> str:
+    """Logs through Celery's task logger between awaits, under concurrency."""
+    from celery.utils.log import get_task_logger
+
+    log = get_task_logger("tests.limitsapp.logs_its_id")
+    for i in range(rounds):
+        await anyio.sleep(0.01 * (i % 3))
+        log.warning("my id is %s (round %d)", self.request.id, i)
+    return str(self.request.id)

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from .harness import Client, Namespace, Worker
-from .test_cancellation import wait_for_log
+from .harness import Client, Namespace, Worker, wait_for_log
 
 pytestmark = pytest.mark.worker
 

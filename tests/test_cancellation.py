@@ -3,74 +3,15 @@
 from __future__ import annotations
 
 import pickle
-import re
 import time
-import uuid
-from collections.abc import Iterator
-from typing import Any
 
-import celery
 import pytest
-import redis
 
 from celery_anyio.errors import TaskExceptionGroup
 
-from .harness import Client, Namespace, Worker
+from .harness import CELERY_VERSION, Client, Namespace, Worker, key, send, tallies, wait_for_log
 
 pytestmark = pytest.mark.worker
-
-CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
-
-
-@pytest.fixture(scope="session")
-def limits_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
-    queue = namespace.queue(f"limits-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
-    with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
-        yield worker
-
-
-@pytest.fixture(scope="session")
-def limits(namespace: Namespace, limits_worker: Worker) -> Iterator[Client]:
-    client = namespace.client(limits_worker.queue)
-    yield client
-    client.close()
-
-
-def send(client: Client, name: str, *args: Any, **options: Any) -> Any:
-    return client.app.signature(f"tests.limitsapp.{name}", args=args).apply_async(**options)
-
-
-def tallies(client: Client, key: str, expected: int = 0, timeout: float = 10) -> dict[str, int]:
-    store = redis.Redis.from_url(client.app.conf.result_backend)
-    deadline = time.monotonic() + timeout
-    while store.hlen(key) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return {k.decode(): int(v) for k, v in store.hgetall(key).items()}
-
-
-def wait_for_log(worker: Worker, pattern: str, timeout: float = 10) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(pattern, worker.log())
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{pattern!r} not in the worker log:\n{worker.log()[-5000:]}")
-
-
-def wait_until_started(client: Client, key: str, count: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = tallies(client, key, timeout=0)
-        if sum(1 for name in seen if name.startswith("started:")) >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{count} tasks did not start: {tallies(client, key, timeout=0)}")
-
-
-def key() -> str:
-    return f"celery-anyio-test:{uuid.uuid4().hex}"
 
 
 # -- time limits ------------------------------------------------------------------

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from typing_extensions import Self
 
-from .harness import Client, Namespace, Worker
-from .test_cancellation import key, send, tallies, wait_for_log, wait_until_started
+from .harness import Client, Namespace, Worker, key, send, tallies, wait_for_log, wait_until_started
 
 pytestmark = pytest.mark.worker
 

@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 
-from .harness import Namespace, Worker
-from .test_cancellation import CELERY_VERSION, key, send, tallies, wait_for_log, wait_until_started
+from .harness import (
+    CELERY_VERSION,
+    Namespace,
+    Worker,
+    key,
+    send,
+    tallies,
+    wait_for_log,
+    wait_until_started,
+)
 
 pytestmark = pytest.mark.worker
 
