@@ -7,6 +7,7 @@ on Redis and RabbitMQ (both pool backends), from a client on asyncio and trio.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import celery
 import pytest
 import trio
 from celery import Celery, chain, chord, group
@@ -32,6 +34,26 @@ from .harness import ROOT, Client, Namespace, Worker
 
 EXAMPLES = ROOT / "docs" / "examples"
 worker_test = pytest.mark.worker
+
+
+@pytest.fixture(autouse=True)
+def _no_garbage_collection_inside_publishes() -> Iterator[None]:
+    """On Celery < 5.7, collect garbage between tests only.
+
+    There a cyclic collection that finalizes an ``AsyncResult`` while the same
+    thread subscribes to a result on Redis deadlocks on redis-py's pub/sub lock
+    (celery/celery#10477, fixed in 5.7); pytest's exception info makes cycles.
+    """
+    if celery.VERSION >= (5, 7):
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 async def revoke(client: Client, result: AsyncResult) -> None:
@@ -137,16 +159,17 @@ async def test_timeout_raises_celery_timeout_error(client: Client, anyio_backend
 @worker_test
 @pytest.mark.anyio
 async def test_cancellation_ends_the_wait_at_once(client: Client, anyio_backend: str) -> None:
-    slow = await client.sig("sleepy", 1, 5).adelay()
+    slow = await client.sig("sleepy", 1, 10).adelay()
     try:
         started = time.monotonic()
-        # By 1.5 s the backoff pauses ~0.6 s between looks (capped at 5 s):
-        # only a cancellable pause ends the wait on time.
-        with anyio.move_on_after(1.5) as scope:
+        # Looks at ~2.6 s and ~3.9 s (2 ms pauses growing by half, capped at
+        # 5 s): at 2.8 s it is in the middle of a 1.3 s pause, which only a
+        # cancellable wait leaves on time.
+        with anyio.move_on_after(2.8) as scope:
             await slow.aget(interval=5)
         elapsed = time.monotonic() - started
         assert scope.cancelled_caught
-        assert 1.5 <= elapsed < 1.65, elapsed
+        assert 2.8 <= elapsed < 3.1, elapsed
     finally:
         await revoke(client, slow)
 
@@ -279,14 +302,18 @@ async def test_starlette_app(client: Client, anyio_backend: str) -> None:
 
     async def add(request: Request) -> JSONResponse:
         a, b = int(request.query_params["a"]), int(request.query_params["b"])
-        result = await client.app.asend_task("tests.workerapp.sleepy", (a + b, 0.5))
+        result = await client.app.asend_task("tests.workerapp.sleepy", (a + b, 1.0))
         try:
             return JSONResponse({"id": result.id, "sum": await result.aget(timeout=10)})
         except CeleryTimeoutError:
             return JSONResponse({"id": result.id}, status_code=504)
 
-    app = Starlette(routes=[Route("/add", add)])
+    async def ping(request: Request) -> JSONResponse:
+        return JSONResponse("pong")
+
+    app = Starlette(routes=[Route("/add", add), Route("/ping", ping)])
     bodies: dict[int, dict[str, Any]] = {}
+    pings: list[float] = []
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
 
@@ -295,13 +322,26 @@ async def test_starlette_app(client: Client, anyio_backend: str) -> None:
             assert response.status_code == 200, response.text
             bodies[i] = response.json()
 
+        async def keep_pinging() -> None:
+            while True:
+                sent = time.monotonic()
+                assert (await http.get("/ping")).json() == "pong"
+                pings.append(time.monotonic() - sent)
+                await anyio.sleep(0.05)
+
         started = time.monotonic()
         async with anyio.create_task_group() as tg:
-            for i in range(20):
-                tg.start_soon(ask, i)
+            tg.start_soon(keep_pinging)
+            async with anyio.create_task_group() as asks:
+                for i in range(20):
+                    asks.start_soon(ask, i)
+            tg.cancel_scope.cancel()
         elapsed = time.monotonic() - started
     assert {i: body["sum"] for i, body in bodies.items()} == {i: i + 1 for i in range(20)}
-    assert elapsed < 5, elapsed  # 20 requests waiting 0.5 s each, at once (10 s one by one)
+    assert elapsed < 6, elapsed  # 20 requests waiting 1 s each, at once (20 s one by one)
+    # The app answers other requests while those wait (a blocking wait: ~1 s).
+    assert len(pings) >= 10, pings
+    assert max(pings) < 0.3, max(pings)
 
 
 # -- the documented example --------------------------------------------------------
