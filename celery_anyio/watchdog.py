@@ -82,12 +82,10 @@ class LoopMonitor:
                 where,
             )
         else:
+            # No task held the loop: it waited for the GIL (another thread was
+            # busy) or for the OS. That is lag, not a blocking task.
             where = culprits[-1][1] if culprits else "unknown"
-            logger.warning(
-                "celery_anyio: the event loop was blocked for %.2fs (last seen at %s)",
-                lag,
-                where,
-            )
+            logger.debug("celery_anyio: the event loop lagged %.2fs (last seen at %s)", lag, where)
 
     # -- stats (any thread) -----------------------------------------------------
 
