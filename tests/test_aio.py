@@ -41,8 +41,9 @@ def _no_garbage_collection_inside_publishes() -> Iterator[None]:
     """On Celery < 5.7, collect garbage between tests only.
 
     There a cyclic collection that finalizes an ``AsyncResult`` while the same
-    thread subscribes to a result on Redis deadlocks on redis-py's pub/sub lock
-    (celery/celery#10477, fixed in 5.7); pytest's exception info makes cycles.
+    thread subscribes to a result on Redis deadlocks on the pub/sub lock of
+    redis-py >= 5.3 (celery/celery#10477, fixed in 5.7); pytest's exception info
+    makes such cycles.
     """
     if celery.VERSION >= (5, 7):
         yield
