@@ -14,9 +14,9 @@ the message carries its ``parent_id``/``root_id``, as a synchronous call would.
 Waiting polls the result backend from a worker thread (``get_task_meta``, one
 key read per pending result) with a backoff from 2 ms up to ``interval``; the
 loop only sleeps between looks, so a deadline or a cancellation ends the wait at
-once.  This works with every backend that stores results under the task id
-(Redis, the database, cache, MongoDB and other key-value backends, whose clients
-are shared between threads).  It does not use the Redis backend's pub/sub
+once.  This works with the backends that store results under the task id
+(Redis, the database, MongoDB and other key-value stores) whose client can be
+used from several threads.  It does not use the Redis backend's pub/sub
 consumer, which belongs to whoever calls ``.get()``.  ``rpc://`` delivers each
 result as a message to the thread that sent the task, which no poller can read:
 :func:`aget` refuses it with :class:`UnsupportedResultBackend`.
