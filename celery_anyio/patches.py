@@ -9,7 +9,8 @@ to switch patches off (``all`` switches off every one):
     Without it ``self.request`` and ``current_task`` mix up concurrent tasks.
 ``tasks``
     Wrap each ``async def`` task's ``run`` (see :mod:`celery_anyio.tasks`) so the
-    tracer awaits it, eager mode runs it, and other pools fail loudly.
+    tracer awaits it, eager mode runs it, and other pools fail loudly: when an app
+    is finalized, when a worker starts, and in ``Task.apply`` (eager mode).
 ``cli``
     Teach ``celery worker`` ``-P module:Class`` and ``--backend/--anyio-backend``.
 ``aio``
@@ -89,7 +90,7 @@ def wrap_async_tasks(app: Any, only_new: bool = False) -> list[str]:
 
 
 def install_app_hooks() -> None:
-    """Wrap async tasks of every app once it is finalized (covers eager mode)."""
+    """Wrap async tasks of every app once it is finalized, and before any eager run."""
     if not enabled("tasks"):
         return
     for app in list(_state._get_active_apps()):
@@ -99,6 +100,25 @@ def install_app_hooks() -> None:
             _wrap_after_finalize(app)
     # Called inside app.finalize(), before pending tasks are evaluated.
     _state.connect_on_app_finalize(_wrap_after_finalize)
+    _wrap_before_eager_apply()
+
+
+def _wrap_before_eager_apply() -> None:
+    """``task.apply()`` may run before the app is finalized (a lazy task proxy)."""
+    from celery.app.task import Task
+
+    from .tasks import wrap_run
+
+    stock = Task.apply
+    if getattr(stock, "_celery_anyio_patched", False):
+        return
+
+    def apply(self: Any, *args: Any, **kwargs: Any) -> Any:
+        wrap_run(self)
+        return stock(self, *args, **kwargs)
+
+    apply._celery_anyio_patched = True  # type: ignore[attr-defined]
+    Task.apply = apply
 
 
 def _wrap_after_finalize(app: Any) -> None:

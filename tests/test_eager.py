@@ -73,3 +73,19 @@ async def test_direct_await_is_a_plain_call(app: Celery, anyio_backend: str) -> 
 async def test_apply_inside_a_running_loop(app: Celery, anyio_backend: str) -> None:
     result = app.tasks[f"{__name__}.double"].apply(args=(3,), task_id="inner")
     assert result.get() == {"value": 6, "id": "inner", "before": "inner"}
+
+
+@pytest.mark.parametrize("always_eager", [False, True])
+def test_eager_before_the_app_is_finalized(always_eager: bool) -> None:
+    app = Celery("lazy", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.task_always_eager = always_eager
+
+    @app.task(shared=False)
+    async def triple(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return 3 * x
+
+    assert not app.finalized
+    result = triple.delay(3) if always_eager else triple.apply(args=(3,))
+    assert result.get() == 9
+    app.close()
