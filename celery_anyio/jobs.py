@@ -31,6 +31,7 @@ import anyio.to_thread
 from anyio import CancelScope, CapacityLimiter
 from billiard.einfo import ExceptionInfo
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker import state as worker_state
 
 from . import bridge, outcomes
 from ._backends import BackendModule
@@ -119,7 +120,7 @@ class JobRunner:
     async def run(self, job: Job) -> None:
         """Run an admitted job and give its slot back."""
         try:
-            if job.terminated or self.discarding or self._revoked_while_queued(job):
+            if job.terminated or self.discarding or await self._revoked_while_queued(job):
                 return
             self.running += 1
             try:
@@ -130,15 +131,24 @@ class JobRunner:
             self.limiter.release_on_behalf_of(job)
             self.jobs.pop(job.id, None)
 
-    def _revoked_while_queued(self, job: Job) -> bool:
+    async def _revoked_while_queued(self, job: Job) -> bool:
         """A revoke (or expiry) that came while the job waited for a slot.
 
         Celery checks before handing the job over; the pool's queue is a second
-        place to wait, so check again: ``Request.revoked()`` announces it.
+        place to wait, so check again: ``Request.revoked()`` announces it (in the
+        bridge, for async ``task_revoked`` receivers).
         """
         request = getattr(job.accept_callback, "__self__", None)
         revoked = getattr(request, "revoked", None)
-        return bool(revoked is not None and revoked())
+        if revoked is None:
+            return False
+        if not (
+            job.correlation_id in worker_state.revoked
+            or getattr(request, "expires", None)
+            or getattr(request, "stamped_headers", None)
+        ):
+            return False  # what Request.revoked() would find, without its cost
+        return bool(await bridge.run_bridged(revoked))
 
     async def _run_accepted(self, job: Job) -> None:
         job_identity.set(job)
