@@ -204,3 +204,13 @@ async def logs_its_id(self: Any, rounds: int) -> str:
         await anyio.sleep(0.01 * (i % 3))
         log.warning("my id is %s (round %d)", self.request.id, i)
     return str(self.request.id)
+
+
+@app.task(soft_time_limit=0.3)
+async def soft_limited_by_option() -> str:
+    """The soft limit set as a task option (``@app.task(soft_time_limit=...)``)."""
+    try:
+        await anyio.sleep(30)
+    except SoftTimeLimitExceeded:
+        return "caught"
+    return "slept"

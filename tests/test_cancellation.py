@@ -217,3 +217,7 @@ def test_sync_task_exit_fails_the_task_not_the_worker(limits: Client) -> None:
         result.get(timeout=30)
     assert type(info.value).__name__ == "TaskExited"
     assert limits.app.signature("tests.workerapp.add", args=(5, 5)).delay().get(timeout=30) == 10
+
+
+def test_soft_limit_as_a_task_option(limits: Client) -> None:
+    assert send(limits, "soft_limited_by_option").get(timeout=30) == "caught"

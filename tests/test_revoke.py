@@ -123,3 +123,15 @@ def test_terminating_a_sync_task_stops_its_thread_when_it_can(
     assert tallies(narrow, k) == {"started": 1}
     assert result.state == "REVOKED"
     assert narrow.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
+
+
+def test_terminate_with_sigkill_never_signals_the_worker(
+    narrow: Client, narrow_worker: Worker
+) -> None:
+    k = key()
+    result = send(narrow, "counted", k, "killed", 30)
+    wait_until_started(narrow, k, 1)
+    result.revoke(terminate=True, signal="SIGKILL")
+    assert wait_for_state(result, "REVOKED") < 1.0
+    assert narrow_worker.process is not None and narrow_worker.process.poll() is None
+    assert narrow.app.signature("tests.workerapp.add", args=(2, 3)).delay().get(timeout=30) == 5
