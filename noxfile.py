@@ -21,6 +21,8 @@ CELERY = {
 }
 BACKENDS = ["asyncio", "trio"]
 CI_PYTHON = "3.11"
+# The benchmark harness (psutil, redis) and the gevent pool it compares against.
+BENCH_DEPS = ["celery[redis]", "gevent>=24.2", "psutil>=5.9", "redis>=4.5"]
 
 
 def _install(session: nox.Session, celery: str | None = None) -> None:
@@ -66,6 +68,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=CI_PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against Celery's own pools (see docs/benchmarks.md)."""
-    _install(session)
+    """Benchmarks against Celery's own pools (see docs/benchmarks.md).
+
+    ``nox -s bench`` is the full profile on Redis (~45 min on 2 cores);
+    ``-- --quick`` a smoke test, ``-- --broker rabbitmq`` the same on RabbitMQ.
+    """
+    session.install("-e", ".[uvloop]", *BENCH_DEPS)
     session.run("python", "benchmarks/run.py", *session.posargs)

@@ -1,7 +1,8 @@
 """The Celery app the benchmark workers run (``celery -A benchmarks.benchapp worker``).
 
-Broker, result backend and queue come from the environment, so every
-configuration and run of the harness uses its own queue.  Each workload has an
+Broker, result backend, queue and ``worker_anyio_backend_options`` (the uvloop
+variant) come from the environment, so every configuration and run of the
+harness uses its own queue.  Each workload has an
 ``async def`` version (for ``-P celery_anyio:Pool``) and a plain one (for the
 stock pools); all of them store a result, ``[sent, started, finished]``, where
 ``sent`` is the publisher's timestamp passed in the arguments (0 when unused)
@@ -10,8 +11,10 @@ and the other two are ``time.time()`` readings taken by the task body.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -21,6 +24,8 @@ from celery import Celery, signals
 BROKER_ENV = "CELERY_ANYIO_BENCH_BROKER"
 RESULTS_ENV = "CELERY_ANYIO_BENCH_RESULTS"
 QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
+# JSON for ``worker_anyio_backend_options``, e.g. ``{"use_uvloop": true}``.
+BACKEND_OPTIONS_ENV = "CELERY_ANYIO_BENCH_BACKEND_OPTIONS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 READY_MARKER = "celery-anyio-bench: worker ready. ts="
 
@@ -34,17 +39,25 @@ app.conf.update(
     result_expires=3600,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get(BACKEND_OPTIONS_ENV):
+    app.conf.worker_anyio_backend_options = json.loads(os.environ[BACKEND_OPTIONS_ENV])
 
 logger = logging.getLogger("celery_anyio.bench")
 
 Timings = list[float]
 
 
+def _gevent_patched() -> bool:
+    """Whether ``celery -P gevent`` monkey-patched ``time`` (so ``time.sleep`` yields)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey is not None and monkey.is_module_patched("time"))
+
+
 @signals.worker_ready.connect
 def _announce_ready(**_: Any) -> None:
     # Celery logs its own "ready." line at INFO; the harness runs workers at
     # WARNING, so announce readiness (with a precise timestamp) ourselves.
-    logger.warning("%s%.6f", READY_MARKER, time.time())
+    logger.warning("%s%.6f gevent-patched=%d", READY_MARKER, time.time(), _gevent_patched())
 
 
 def _burn_cpu(ms: float) -> None:

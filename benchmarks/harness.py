@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ import redis
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from .benchapp import BROKER_ENV, QUEUE_ENV, READY_MARKER, RESULTS_ENV
+from .benchapp import BACKEND_OPTIONS_ENV, BROKER_ENV, QUEUE_ENV, READY_MARKER, RESULTS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "celery-task-meta-"
@@ -38,6 +39,9 @@ STOP_GRACE_SECONDS = 20.0
 READY_TIMEOUT_SECONDS = 60.0
 SAMPLE_INTERVAL = 0.05
 CHUNK = 500
+STATS_TIMEOUT_SECONDS = 5.0
+HOSTNAME = socket.gethostname()
+LOGLEVEL_ENV = "CELERY_ANYIO_BENCH_LOGLEVEL"  # the workers' -l (default warning)
 
 Message = tuple[str, list[Any]]  # task name, positional args (without ``sent``)
 
@@ -46,28 +50,48 @@ class BenchError(RuntimeError):
     """A measurement failed; the message goes into the results table."""
 
 
+class BenchTimeout(BenchError):
+    """Not every result arrived in time (the harness does not repeat such a case)."""
+
+
 # -- what is measured -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One worker configuration: pool, concurrency and (celery_anyio) backend."""
+    """One worker configuration: pool, concurrency and (celery_anyio) backend.
+
+    ``uvloop`` (asyncio only) sets ``worker_anyio_backend_options =
+    {"use_uvloop": True}`` in the worker's app, through the environment.
+    """
 
     pool: str
     concurrency: int
     backend: str | None = None
+    uvloop: bool = False
 
     @property
     def is_async(self) -> bool:
         return self.pool == ANYIO_POOL
 
     @property
+    def variant(self) -> str:
+        """``asyncio``, ``uvloop`` or ``trio`` for celery_anyio, else the pool name."""
+        if not self.is_async:
+            return self.pool
+        return "uvloop" if self.uvloop else str(self.backend)
+
+    @property
     def label(self) -> str:
         if self.is_async:
-            return f"anyio-{self.backend} -c {self.concurrency}"
+            return f"anyio-{self.variant} -c {self.concurrency}"
         if self.pool == "solo":
             return "solo"
         return f"{self.pool} -c {self.concurrency}"
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        return {"use_uvloop": True} if self.uvloop else {}
 
     @property
     def slug(self) -> str:
@@ -128,8 +152,9 @@ class Environment:
     def queue(self, *parts: str | int) -> str:
         return "-".join(["bench", self.run_id, *map(str, parts)])
 
-    def worker_env(self, queue: str) -> dict[str, str]:
+    def worker_env(self, queue: str, config: PoolConfig) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop(BACKEND_OPTIONS_ENV, None)
         env.update(
             {
                 BROKER_ENV: self.broker_url,
@@ -139,6 +164,8 @@ class Environment:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if config.backend_options:
+            env[BACKEND_OPTIONS_ENV] = json.dumps(config.backend_options)
         return env
 
 
@@ -157,14 +184,21 @@ class Worker:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     ready_ts: float = 0.0
+    gevent_patched: bool = False
     _log_offset: int = 0
     _log_tail: str = ""
     _terminated_at: float = 0.0
 
+    @property
+    def nodename(self) -> str:
+        return f"{self.queue}@{HOSTNAME}"
+
     def command(self) -> list[str]:
+        # ``python -m celery`` applies gevent's monkey-patching for ``-P gevent``,
+        # as the ``celery`` script does.
         return [
             sys.executable, "-m", "celery", "-A", "benchmarks.benchapp", "worker",
-            "-Q", self.queue, "-n", f"{self.queue}@%h", "-l", "warning",
+            "-Q", self.queue, "-n", self.nodename, "-l", os.environ.get(LOGLEVEL_ENV, "warning"),
             "--without-mingle", "--without-gossip", *self.config.worker_args(),
         ]  # fmt: skip
 
@@ -174,7 +208,7 @@ class Worker:
             self.process = subprocess.Popen(
                 self.command(),
                 cwd=ROOT,
-                env=self.env.worker_env(self.queue),
+                env=self.env.worker_env(self.queue, self.config),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -193,12 +227,15 @@ class Worker:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> float:
         """Wait for the ready line; return the worker's own ready timestamp."""
-        pattern = re.compile(re.escape(READY_MARKER) + r"([0-9.]+)")
+        pattern = re.compile(re.escape(READY_MARKER) + r"([0-9.]+) gevent-patched=([01])")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = pattern.search(self._read_new_log())
             if match:
                 self.ready_ts = float(match.group(1))
+                self.gevent_patched = match.group(2) == "1"
+                if self.config.pool == "gevent" and not self.gevent_patched:
+                    raise BenchError("gevent worker is not monkey-patched (time.sleep blocks)")
                 return self.ready_ts
             if not self.alive():
                 raise BenchError(f"worker exited before ready (rc={self.process_rc()})")
@@ -454,7 +491,8 @@ class Results:
             [RESULT_PREFIX + i for i in ids[k : k + CHUNK]] for k in range(0, len(ids), CHUNK)
         ]
         done = partial = 0
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             while chunks:
                 partial = int(self.client.exists(*chunks[0]))
@@ -465,7 +503,11 @@ class Results:
             if not chunks:
                 return time.time()
             if time.monotonic() > deadline:
-                raise BenchError(f"timeout after {timeout:.0f}s: {done + partial}/{len(ids)} done")
+                count = done + partial
+                raise BenchTimeout(
+                    f"timeout after {timeout:.0f}s: {count}/{len(ids)} done "
+                    f"(~{count / (time.monotonic() - started):.0f}/s)"
+                )
             if not alive():
                 raise BenchError(f"worker died: {done + partial}/{len(ids)} done")
             time.sleep(poll)
@@ -498,10 +540,15 @@ def check_success(metas: Sequence[dict[str, Any]]) -> None:
 
 @dataclass
 class DrainResult:
+    """One drain: ``n`` pre-loaded messages, worker ready -> last result stored."""
+
     n: int
     seconds: float
     cpu_seconds: float
     peak_rss: int
+    loop: str | None = None  # celery_anyio: ``pool.loop`` from ``inspect stats``
+    loop_lag_ms: dict[str, float] | None = None  # ... and ``pool["loop-lag-ms"]``
+    stats_error: str = ""
 
     @property
     def rate(self) -> float:
@@ -521,19 +568,58 @@ class LatencyResult:
     done_ms: list[float] = field(default_factory=list)
 
 
-def measure_drain(
+@dataclass(frozen=True)
+class LatencyPlan:
+    """How many messages the paced phase publishes at half the drain rate."""
+
+    max_n: int
+    max_seconds: float  # ... or fewer, so that publishing takes at most this long
+    min_n: int = 50
+    idle_seconds: float = 0.5
+
+    def count(self, rate: float) -> int:
+        return min(self.max_n, max(self.min_n, int(rate * self.max_seconds)))
+
+
+@dataclass
+class RunResult:
+    drain: DrainResult
+    latency: LatencyResult | None = None
+    latency_error: str = ""
+
+
+def pool_stats(
+    app: Celery, nodename: str, timeout: float = STATS_TIMEOUT_SECONDS
+) -> dict[str, Any]:
+    """The ``pool`` section of one worker's ``inspect stats`` (remote control via the broker)."""
+    replies = app.control.inspect(destination=[nodename], timeout=timeout).stats()
+    if not replies or nodename not in replies:
+        raise BenchError(f"no `inspect stats` reply from the worker in {timeout:.0f}s")
+    return dict(replies[nodename].get("pool") or {})
+
+
+def measure_run(
     env: Environment,
     config: PoolConfig,
     workload: Workload,
     n: int,
     run: int,
     timeout: float,
-) -> DrainResult:
-    """Pre-load ``n`` messages, start a worker, time ready -> all results stored."""
+    latency: LatencyPlan | None,
+) -> RunResult:
+    """One run of a case: a timed drain, then (same worker) a paced latency phase.
+
+    The drain pre-loads ``n`` messages, starts a worker and times its ready
+    timestamp -> the last result stored; for celery_anyio it then reads the
+    loop lag from ``inspect stats`` before anything else happens. The worker,
+    idle again, then gets ``latency.count(rate)`` messages published at half
+    this run's drain rate, each carrying its publish time.
+    """
     queue = env.queue(config.slug, workload.name, f"r{run}")
     publisher = Publisher(env.broker_url, queue)
     results = Results(env.results_url)
     ids: list[str] = []
+    latency_ids: list[str] = []
     try:
         publisher.reset_queue()
         ids = publisher.preload(workload.messages(config.is_async, n))
@@ -548,46 +634,59 @@ def measure_drain(
                 cpu_after = sampler.cpu_seconds()
             finally:
                 sampler.stop()
-        check_success(results.metas(ids))
-        return DrainResult(n, finished - ready, cpu_after - cpu_before, sampler.peak_rss)
-    finally:
-        _cleanup(publisher, results, ids)
-
-
-def measure_latency(
-    env: Environment,
-    config: PoolConfig,
-    workload: Workload,
-    n: int,
-    rate: float,
-    timeout: float,
-    idle_seconds: float = 0.5,
-) -> LatencyResult:
-    """Publish ``n`` messages at ``rate``/s to an idle worker; publish -> start/done."""
-    queue = env.queue(config.slug, workload.name, "lat")
-    publisher = Publisher(env.broker_url, queue)
-    results = Results(env.results_url)
-    ids: list[str] = []
-    try:
-        publisher.reset_queue()
-        with running_worker(env, config, queue, f"{config.slug}-{workload.name}-lat") as worker:
-            worker.wait_ready()
-            idle_until = time.monotonic() + idle_seconds
-            stop_all_workers(keep=worker)
-            time.sleep(max(0.0, idle_until - time.monotonic()))
-            ids, achieved = publisher.paced(workload.messages(config.is_async, n), rate)
-            results.wait_all(ids, timeout, worker.alive)
-        metas = results.metas(ids)
-        check_success(metas)
-        outcome = LatencyResult(n, rate, achieved)
-        for meta in metas:
-            sent, started, _ = meta["result"]
-            done = datetime.fromisoformat(meta["date_done"]).timestamp()
-            outcome.start_ms.append(1000 * (started - sent))
-            outcome.done_ms.append(1000 * (done - sent))
+            drain = DrainResult(n, finished - ready, cpu_after - cpu_before, sampler.peak_rss)
+            if config.is_async:
+                _read_loop_stats(publisher.app, worker, drain)
+            check_success(results.metas(ids))
+            outcome = RunResult(drain)
+            if latency is not None:
+                try:
+                    outcome.latency = _paced_latency(
+                        publisher, results, worker, workload, latency, drain.rate / 2, latency_ids
+                    )
+                except Exception as exc:  # noqa: BLE001 - recorded with the case
+                    outcome.latency_error = f"{type(exc).__name__}: {exc}"
         return outcome
     finally:
-        _cleanup(publisher, results, ids)
+        _cleanup(publisher, results, [*ids, *latency_ids])
+
+
+def _read_loop_stats(app: Celery, worker: Worker, drain: DrainResult) -> None:
+    try:
+        stats = pool_stats(app, worker.nodename)
+    except Exception as exc:  # noqa: BLE001 - a missing figure, not a failed drain
+        drain.stats_error = f"{type(exc).__name__}: {exc}"
+        return
+    drain.loop = stats.get("loop")
+    lag = stats.get("loop-lag-ms")
+    drain.loop_lag_ms = {k: float(v) for k, v in lag.items()} if isinstance(lag, dict) else None
+    if drain.loop != worker.config.variant:
+        raise BenchError(f"worker reports loop {drain.loop!r}, expected {worker.config.variant!r}")
+
+
+def _paced_latency(
+    publisher: Publisher,
+    results: Results,
+    worker: Worker,
+    workload: Workload,
+    plan: LatencyPlan,
+    rate: float,
+    ids: list[str],
+) -> LatencyResult:
+    n = plan.count(rate)
+    time.sleep(plan.idle_seconds)
+    sent_ids, achieved = publisher.paced(workload.messages(worker.config.is_async, n), rate)
+    ids.extend(sent_ids)
+    results.wait_all(ids, 60 + 3 * n / rate, worker.alive)
+    metas = results.metas(ids)
+    check_success(metas)
+    outcome = LatencyResult(n, rate, achieved)
+    for meta in metas:
+        sent, started, _ = meta["result"]
+        done = datetime.fromisoformat(meta["date_done"]).timestamp()
+        outcome.start_ms.append(1000 * (started - sent))
+        outcome.done_ms.append(1000 * (done - sent))
+    return outcome
 
 
 def _cleanup(publisher: Publisher, results: Results, ids: Sequence[str]) -> None:
