@@ -111,6 +111,7 @@ class Worker:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
     name: str = ""
+    node: str = ""  # the worker's node name, known once it is ready
 
     def command(self) -> list[str]:
         self.name = f"{self.queue}-{os.getpid()}-{time.monotonic_ns()}@%h"
@@ -132,7 +133,9 @@ class Worker:
         )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if " ready." in self.log():
+            ready = re.search(r"(\S+@\S+) ready\.", self.log())
+            if ready:
+                self.node = ready.group(1)
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")

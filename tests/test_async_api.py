@@ -31,13 +31,12 @@ def resources_client(namespace: Namespace, resources_worker: Worker) -> Iterator
 
 
 def pool_stats(client: Client, worker: Worker) -> dict[str, Any]:
-    replies = client.app.control.inspect(timeout=5).stats() or {}
-    return next(v["pool"] for k, v in replies.items() if k.startswith(worker.queue))
+    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
+    return dict(replies[worker.node]["pool"])
 
 
 def node(client: Client, worker: Worker) -> list[str]:
-    replies = client.app.control.ping(timeout=2)
-    return [name for reply in replies for name in reply if name.startswith(worker.queue)]
+    return [worker.node]
 
 
 def test_lifespan_resources_are_shared_by_every_task(

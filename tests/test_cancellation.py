@@ -183,8 +183,8 @@ def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
         rf"event loop was blocked for (\d+\.\d+)s by task tests\.limitsapp\.blocker\[{result.id}\]",
     )
     assert 0.5 <= float(found.group(1)) < 2
-    replies = limits.app.control.inspect(timeout=5).stats() or {}
-    pool = next(v["pool"] for k, v in replies.items() if k.startswith(limits_worker.queue))
+    node = limits_worker.node
+    pool = (limits.app.control.inspect(timeout=5, destination=[node]).stats() or {})[node]["pool"]
     assert pool["loop-lag-ms"]["max"] >= 500
     assert limits.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
 

@@ -27,10 +27,10 @@ def celery(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def pool_stats(namespace: Namespace, worker: Worker) -> dict[str, object]:
     client = namespace.client(worker.queue)
     try:
-        replies = client.app.control.inspect(timeout=5).stats() or {}
+        replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
     finally:
         client.close()
-    return next(v["pool"] for k, v in replies.items() if k.startswith(worker.queue))
+    return dict(replies[worker.node]["pool"])
 
 
 def test_help_lists_backend_option() -> None:

@@ -160,21 +160,19 @@ def test_pool_failing_in_the_worker_thread_is_an_error_not_a_hang(
     suite: pytest.Pytester,
 ) -> None:
     """Celery's start_worker alone waits forever for a worker whose pool failed."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("needs an environment without uvloop")
     suite.makeconftest(
         """
         import pytest
 
-        @pytest.fixture(autouse=True)
-        def _uvloop(celery_app):
-            celery_app.conf.worker_anyio_backend_options = {"use_uvloop": True}
+        async def unreachable(app):
+            raise ConnectionError("database unreachable")
             yield
-            celery_app.conf.worker_anyio_backend_options = {}
+
+        @pytest.fixture(autouse=True)
+        def _failing_lifespan(celery_app):
+            celery_app.conf.worker_anyio_lifespan = unreachable
+            yield
+            celery_app.conf.worker_anyio_lifespan = None
 
         @pytest.fixture
         def celery_anyio_backend():
@@ -187,7 +185,7 @@ def test_pool_failing_in_the_worker_thread_is_an_error_not_a_hang(
     error = (
         "*WorkerStartError: the celery_anyio worker for app 'example' on 'asyncio' "
         "* did not start: RuntimeError(*the asyncio event loop failed to start: "
-        "ModuleNotFoundError(*uvloop*"
+        "RuntimeError(*the worker lifespan failed to start: *database unreachable*"
     )
     result.stdout.fnmatch_lines([error])
     assert phase_seconds(result, "setup", "test_async_task") < 10

@@ -99,8 +99,8 @@ def test_countdown_and_expires(client: Client) -> None:
 
 
 def test_inspect_stats_shows_the_pool(client: Client, worker: Worker, pool_backend: str) -> None:
-    replies = client.app.control.inspect(timeout=5).stats() or {}
-    pool = next(v["pool"] for k, v in replies.items() if k.startswith(worker.queue))
+    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
+    pool = replies[worker.node]["pool"]
     assert pool["implementation"] == "celery_anyio.pool:Pool"
     assert pool["backend"] == pool_backend
     assert pool["max-concurrency"] == 200
