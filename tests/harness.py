@@ -216,3 +216,12 @@ def wait_until_started(client: Client, key: str, count: int, timeout: float = 10
 
 def key() -> str:
     return f"celery-anyio-test:{uuid.uuid4().hex}"
+
+
+def wait_for_state(result: Any, state: str, timeout: float = 5) -> float:
+    """Poll ``result`` until it reaches ``state``; return how long that took."""
+    started = time.monotonic()
+    while result.state != state and time.monotonic() - started < timeout:
+        time.sleep(0.02)
+    assert result.state == state
+    return time.monotonic() - started

@@ -10,7 +10,17 @@ from typing import Any
 import pytest
 from typing_extensions import Self
 
-from .harness import Client, Namespace, Worker, key, send, tallies, wait_for_log, wait_until_started
+from .harness import (
+    Client,
+    Namespace,
+    Worker,
+    key,
+    send,
+    tallies,
+    wait_for_log,
+    wait_for_state,
+    wait_until_started,
+)
 
 pytestmark = pytest.mark.worker
 
@@ -60,14 +70,6 @@ class EventLog:
 
     def types(self, task_id: str) -> list[str]:
         return [e["type"] for e in self.events if e.get("uuid") == task_id]
-
-
-def wait_for_state(result: Any, state: str, timeout: float = 5) -> float:
-    started = time.monotonic()
-    while result.state != state and time.monotonic() - started < timeout:
-        time.sleep(0.02)
-    assert result.state == state
-    return time.monotonic() - started
 
 
 def test_task_revoked_while_queued_in_the_pool_never_starts(narrow: Client) -> None:
