@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
 BACKEND_OPTIONS_ENV = "CELERY_ANYIO_BENCH_BACKEND_OPTIONS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 READY_MARKER = "celery-anyio-bench: worker ready. ts="
+HOLD_TIMEOUT = 600.0  # a hold task never waits longer than this for the others
 
 app = Celery(
     "benchapp",
@@ -90,6 +92,34 @@ async def cpu_async(ms: float, sent: float = 0.0) -> Timings:
     return [sent, started, time.time()]
 
 
+class _Hold:
+    """How many hold tasks started in this worker process; set once ``n`` have."""
+
+    started = 0
+    async_event: anyio.Event | None = None  # created on the worker's loop
+    sync_event = threading.Event()
+    lock = threading.Lock()
+
+
+@app.task(name="bench.hold_async")
+async def hold_async(seconds: float, n: int, sent: float = 0.0) -> Timings:
+    """Await ``seconds``, then on until ``n`` hold tasks have started in this worker.
+
+    So all ``n`` are in flight at the same moment, however slowly the worker
+    takes messages in: what the ``inflight`` workload's peak RSS is about.
+    """
+    started = time.time()
+    if _Hold.async_event is None:
+        _Hold.async_event = anyio.Event()
+    _Hold.started += 1  # only ever touched on the worker's one event loop
+    if _Hold.started >= n:
+        _Hold.async_event.set()
+    await anyio.sleep(seconds)
+    with anyio.move_on_after(HOLD_TIMEOUT):
+        await _Hold.async_event.wait()
+    return [sent, started, time.time()]
+
+
 # -- sync versions (threads, solo, prefork, gevent) ----------------------------------
 
 
@@ -110,4 +140,16 @@ def io_sync(seconds: float, sent: float = 0.0) -> Timings:
 def cpu_sync(ms: float, sent: float = 0.0) -> Timings:
     started = time.time()
     _burn_cpu(ms)
+    return [sent, started, time.time()]
+
+
+@app.task(name="bench.hold_sync")
+def hold_sync(seconds: float, n: int, sent: float = 0.0) -> Timings:
+    started = time.time()
+    with _Hold.lock:
+        _Hold.started += 1
+        if _Hold.started >= n:
+            _Hold.sync_event.set()
+    time.sleep(seconds)
+    _Hold.sync_event.wait(HOLD_TIMEOUT)
     return [sent, started, time.time()]

@@ -116,6 +116,7 @@ class Workload:
     name: str
     n: int
     io_seconds: float = 0.0
+    hold: bool = False  # tasks wait until all ``n`` have started (then ``io_seconds``)
     cpu_ms: float = 0.0
     cpu_every: int = 0  # every k-th message is the CPU task (0: none)
 
@@ -132,6 +133,8 @@ class Workload:
         for i in range(self.n if n is None else n):
             if self.cpu_every and i % self.cpu_every == self.cpu_every - 1:
                 out.append((f"bench.cpu_{suffix}", [self.cpu_ms]))
+            elif self.hold:
+                out.append((f"bench.hold_{suffix}", [self.io_seconds, self.n if n is None else n]))
             elif self.io_seconds:
                 out.append((f"bench.io_{suffix}", [self.io_seconds]))
             else:
@@ -553,6 +556,7 @@ class DrainResult:
     seconds: float
     cpu_seconds: float
     peak_rss: int
+    peak_in_flight: int = 0  # most tasks between started and finished at one moment
     loop: str | None = None  # celery_anyio: ``pool.loop`` from ``inspect stats``
     loop_lag_ms: dict[str, float] | None = None  # ... and ``pool["loop-lag-ms"]``
     stats_error: str = ""
@@ -644,7 +648,9 @@ def measure_run(
             drain = DrainResult(n, finished - ready, cpu_after - cpu_before, sampler.peak_rss)
             if config.is_async:
                 _read_loop_stats(publisher.app, worker, drain)
-            check_success(results.metas(ids))
+            metas = results.metas(ids)
+            check_success(metas)
+            drain.peak_in_flight = peak_in_flight(metas)
             outcome = RunResult(drain)
             if latency is not None:
                 try:
@@ -703,6 +709,19 @@ def _cleanup(publisher: Publisher, results: Results, ids: Sequence[str]) -> None
         results.delete(ids)
     publisher.close()
     results.close()
+
+
+def peak_in_flight(metas: Sequence[dict[str, Any]]) -> int:
+    """The largest number of tasks between their ``started`` and ``finished`` stamps."""
+    events: list[tuple[float, int]] = []
+    for meta in metas:
+        _, started, finished = meta["result"]
+        events += [(started, 1), (finished, -1)]
+    running = peak = 0
+    for _, step in sorted(events):  # at equal times, -1 sorts first: no false overlap
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
