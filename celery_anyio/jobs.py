@@ -154,18 +154,22 @@ class JobRunner:
         job_identity.set(job)
         deadline = monotonic() + job.timeout if job.timeout else math.inf
         outcome: tuple[str, Any] = ("cancelled", None)
-        with CancelScope(deadline=_anyio_deadline(deadline)) as scope:
-            job.scope = scope
-            job.accepted = True
-            await self._acall(job.accept_callback, job.id, monotonic())
-            try:
-                outcome = ("done", await self._trace(job))
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:  # noqa: BLE001 - one job never tears down the root
-                outcome = ("error", _exception_info(exc))
-        if job.thread is not None and not job.thread.finished:
-            self._stop_thread(job, scope)
+        scope = CancelScope(deadline=_anyio_deadline(deadline))
+        try:
+            with scope:
+                job.scope = scope
+                job.accepted = True
+                await self._acall(job.accept_callback, job.id, monotonic())
+                try:
+                    outcome = ("done", await self._trace(job))
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - one job never tears down the root
+                    outcome = ("error", _exception_info(exc))
+        finally:
+            # Also when a cold shutdown cancels the whole root task group.
+            if job.thread is not None and not job.thread.finished:
+                self._stop_thread(job, scope)
         if job.terminated or self.discarding:
             return  # Request announces terminate/cancel itself; cold shutdown: nothing
         if scope.cancel_called:

@@ -18,6 +18,12 @@ to switch patches off (``all`` switches off every one):
     ``Task.aapply_async``, ``Signature.adelay``, ``Signature.aapply_async``,
     ``Celery.asend_task``, ``AsyncResult.aget`` and ``ResultSet.aget``.  Only
     adds them: a name Celery already has is left alone.
+``events``
+    On Celery < 5.7 only: make the worker's event dispatcher thread-safe (one
+    re-entrant lock around ``send`` and ``flush``).  The pool's callbacks send
+    ``task-started``/``task-succeeded`` from the loop thread while the consumer
+    thread flushes the buffer, and Celery < 5.7 clears that buffer whole, losing
+    events appended meanwhile (celery#10434 for the threads pool; fixed in 5.7).
 ``signals``
     Let ``async def`` receivers of Celery's signals be awaited (see
     :mod:`celery_anyio.receivers`): ``Signal._live_receivers`` hands ``send`` a
@@ -34,7 +40,7 @@ from celery import _state
 
 from .context import make_ident_func
 
-PATCHES = ("stacks", "tasks", "cli", "aio", "signals")
+PATCHES = ("stacks", "tasks", "cli", "aio", "events", "signals")
 BACKEND_SETTING = "worker_anyio_backend"
 
 
@@ -282,3 +288,43 @@ def install_async_receivers() -> None:
 
     _live_receivers._celery_anyio_patched = True  # type: ignore[attr-defined]
     Signal._live_receivers = _live_receivers
+
+
+# -- events ------------------------------------------------------------------
+
+
+def lock_event_dispatcher() -> None:
+    """On Celery < 5.7, serialise ``EventDispatcher.send`` and ``flush``."""
+    import celery
+
+    if not enabled("events") or tuple(celery.VERSION[:2]) >= (5, 7):
+        return
+    import threading
+
+    from celery.events.dispatcher import EventDispatcher
+
+    if getattr(EventDispatcher.send, "_celery_anyio_patched", False):
+        return
+    stock_init, stock_send, stock_flush = (
+        EventDispatcher.__init__,
+        EventDispatcher.send,
+        EventDispatcher.flush,
+    )
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        stock_init(self, *args, **kwargs)
+        # Re-entrant (send() may flush()); Celery's own mutex stays as it is.
+        self._celery_anyio_lock = threading.RLock()
+
+    def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._celery_anyio_lock:
+            return stock_send(self, *args, **kwargs)
+
+    def flush(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._celery_anyio_lock:
+            return stock_flush(self, *args, **kwargs)
+
+    send._celery_anyio_patched = True  # type: ignore[attr-defined]
+    EventDispatcher.__init__ = __init__
+    EventDispatcher.send = send
+    EventDispatcher.flush = flush

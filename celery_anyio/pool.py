@@ -77,6 +77,7 @@ class Pool(BasePool):  # type: ignore[misc]
             # Before Consumer.update_strategies builds the tracers.
             patches.wrap_async_tasks(self.app)
             patches.patch_request_stacks(self.app)
+        patches.lock_event_dispatcher()  # before the consumer creates its dispatcher
         self._loop = LoopThread(
             self.backend,
             self.backend_options,

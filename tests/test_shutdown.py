@@ -145,7 +145,10 @@ def test_cold_shutdown_does_not_wait_for_a_stuck_sync_thread(
         worker.signal(signal.SIGQUIT)
         worker.wait(EXIT_BOUND)
         assert time.monotonic() - stopped_at < EXIT_BOUND
-        wait_for_log(worker, r"sync task .*sync_stuck.* was terminated .* cannot be stopped")
+        # Celery >= 5.5 cancels each active request first (terminate_job); older
+        # Celery leaves it to the pool's cancellation of the root task group.
+        reason = "was terminated" if CELERY_VERSION >= (5, 5) else "was cancelled by shutdown"
+        wait_for_log(worker, rf"sync task .*sync_stuck.* {reason}.* cannot be stopped")
     finally:
         worker.stop()
         client.close()
