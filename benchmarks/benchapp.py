@@ -27,6 +27,8 @@ RESULTS_ENV = "CELERY_ANYIO_BENCH_RESULTS"
 QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
 # JSON for ``worker_anyio_backend_options``, e.g. ``{"use_uvloop": true}``.
 BACKEND_OPTIONS_ENV = "CELERY_ANYIO_BENCH_BACKEND_OPTIONS"
+# ``worker_anyio_result_threads`` (0: results stored on the loop thread), to compare.
+RESULT_THREADS_ENV = "CELERY_ANYIO_BENCH_RESULT_THREADS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 READY_MARKER = "celery-anyio-bench: worker ready. ts="
 HOLD_TIMEOUT = 600.0  # a hold task never waits longer than this for the others
@@ -43,6 +45,8 @@ app.conf.update(
 )
 if os.environ.get(BACKEND_OPTIONS_ENV):
     app.conf.worker_anyio_backend_options = json.loads(os.environ[BACKEND_OPTIONS_ENV])
+if os.environ.get(RESULT_THREADS_ENV):
+    app.conf.worker_anyio_result_threads = int(os.environ[RESULT_THREADS_ENV])
 
 logger = logging.getLogger("celery_anyio.bench")
 

@@ -31,12 +31,25 @@ def in_bridge() -> bool:
     return isinstance(getcurrent(), _TracerGreenlet)
 
 
-def await_(awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` on the loop from synchronous code in a bridge greenlet."""
+class _Plain:
+    """An awaitable the pool's own code awaits as is (not as the task body)."""
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Awaitable[Any]) -> None:
+        self.awaitable = awaitable
+
+
+def await_(awaitable: Awaitable[T], *, as_body: bool = True) -> T:
+    """Await ``awaitable`` on the loop from synchronous code in a bridge greenlet.
+
+    ``as_body=False`` skips the ``awaiter`` of :func:`run_bridged` (the task
+    body's soft time limit and exception translation): for the pool's own waits.
+    """
     current = getcurrent()
     if not isinstance(current, _TracerGreenlet):
         raise RuntimeError("await_() called outside a celery_anyio bridge")  # noqa: TRY004
-    result: T = current.parent.switch(awaitable)
+    result: T = current.parent.switch(awaitable if as_body else _Plain(awaitable))
     return result
 
 
@@ -59,7 +72,10 @@ async def run_bridged(
     request = glet.switch(*args)
     while not glet.dead:
         try:
-            value = await awaiter(request)
+            if type(request) is _Plain:
+                value = await request.awaitable
+            else:
+                value = await awaiter(request)
         except BaseException:  # noqa: BLE001 - every outcome goes back to the tracer
             request = glet.throw(*sys.exc_info())
         else:

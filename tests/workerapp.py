@@ -53,6 +53,17 @@ async def noop() -> None:
     return None
 
 
+@app.task
+async def loop_gaps(seconds: float, tick: float = 0.01) -> float:
+    """The longest the loop kept this task waiting for a ``tick`` sleep, in seconds."""
+    longest = 0.0
+    deadline = anyio.current_time() + seconds
+    while (now := anyio.current_time()) < deadline:
+        await anyio.sleep(tick)
+        longest = max(longest, anyio.current_time() - now - tick)
+    return longest
+
+
 @app.task(bind=True)
 async def whoami(self: Any, seconds: float = 0.05) -> dict[str, Any]:
     before = self.request.id

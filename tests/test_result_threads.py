@@ -1,0 +1,56 @@
+"""Result stores run off the loop thread (``worker_anyio_result_threads``).
+
+A result backend as slow as a remote database (0.3 s per store) must not stall
+the other tasks on the loop, and ``current_task`` in the store must still be the
+task whose state it stores.  With the setting at 0 the store runs on the loop, as
+Celery's tracer does it, and the same test shows the stall: the measure can fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from .harness import Namespace, Worker
+from .slow_results import STORE_SECONDS
+
+STORES = 5  # back to back on the loop they would stall it for 1.5 s
+
+
+@pytest.fixture(params=[1, 0], ids=["result-threads", "on-loop"])
+def slow_store_worker(
+    request: pytest.FixtureRequest, namespace: Namespace, pool_backend: str
+) -> Iterator[Worker]:
+    queue = namespace.queue(f"slowstore-{pool_backend}-{request.param}")
+    conf = {
+        "result_backend": f"tests.slow_results:SlowRedisBackend+{namespace.results_url}",
+        "worker_anyio_result_threads": request.param,
+    }
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "20"]
+    with Worker(namespace, queue, args, conf=conf) as worker:
+        worker.result_threads = request.param  # type: ignore[attr-defined]
+        yield worker
+
+
+def test_slow_result_stores_do_not_stall_the_loop(
+    namespace: Namespace, slow_store_worker: Worker
+) -> None:
+    client = namespace.client(slow_store_worker.queue)
+    try:
+        gaps = client.send("loop_gaps", 2.0)
+        stored = [client.send("add", i, i) for i in range(STORES)]
+        assert [r.get(timeout=30) for r in stored] == [2 * i for i in range(STORES)]
+        longest_gap = gaps.get(timeout=30)
+    finally:
+        client.close()
+    store = redis.Redis.from_url(namespace.results_url, decode_responses=True)
+    where = [store.hgetall(f"store-thread:{r.id}") for r in stored]
+    assert [w["current"] for w in where] == [r.id for r in stored]  # the right current_task
+    if slow_store_worker.result_threads:  # type: ignore[attr-defined]
+        assert {w["thread"] for w in where} == {"celery-anyio-results-0"}
+        assert longest_gap < STORE_SECONDS / 2
+    else:
+        assert {w["thread"] for w in where} == {"celery-anyio-loop"}
+        assert longest_gap >= STORE_SECONDS
