@@ -130,6 +130,12 @@ def make_profile(quick: bool, n: int | None) -> Profile:
     )
 
 
+def worker_settings_env() -> str:
+    """``CELERY_ANYIO_BENCH_*`` variables that change the workers' settings, as a prefix."""
+    names = ("CELERY_ANYIO_BENCH_RESULT_THREADS",)
+    return "".join(f"{name}={os.environ[name]} " for name in names if os.environ.get(name))
+
+
 def importable(module: str) -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", f"import {module}"], check=False, capture_output=True
@@ -703,7 +709,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes += collect_notes(cases, profile, env, neighbours)
     header = [
         f"- date: {date}, run id `{run_id}`, wall time {wall / 60:.1f} min",
-        f"- command: `python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        (
+            f"- command: `{worker_settings_env()}python benchmarks/run.py "
+            f"{' '.join(sys.argv[1:] if argv is None else argv)}`"
+        ),
         (
             f"- machine: {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB, "
             f"Python {platform.python_version()}; {versions()}"
