@@ -114,7 +114,10 @@ class BlockingCallThreads:
                 self._wake_pending = True
                 call_soon = self._call_soon
                 if call_soon is not None:
-                    call_soon(self._wake_callers)
+                    try:
+                        call_soon(self._wake_callers)
+                    except RuntimeError:  # the loop closed: nobody is waiting any more
+                        return
 
     def _wake_callers(self) -> None:
         """On the loop: wake every caller whose call has finished."""

@@ -1,0 +1,77 @@
+"""BlockingCallThreads on its own: outcomes, context, cancellation, and no service."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from celery_anyio import _backends
+from celery_anyio.offload import BlockingCallThreads
+
+pytestmark = pytest.mark.anyio
+
+marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
+
+
+def _threads(anyio_backend: str) -> BlockingCallThreads:
+    return BlockingCallThreads(1, _backends.load(anyio_backend), "test-results")
+
+
+async def test_calls_run_in_the_threads_with_the_callers_context(anyio_backend: str) -> None:
+    threads = _threads(anyio_backend)
+
+    def where() -> tuple[str, str]:
+        return threading.current_thread().name, marker.get()
+
+    def fail() -> None:
+        raise ValueError("from the thread")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(threads.serve)
+        await anyio.wait_all_tasks_blocked()
+        results = []
+
+        async def one(i: int) -> None:
+            marker.set(f"job {i}")
+            results.append((i, await threads.call(where)))
+
+        async with anyio.create_task_group() as callers:
+            for i in range(50):
+                callers.start_soon(one, i)
+        with pytest.raises(ValueError, match="from the thread"):
+            await threads.call(fail)
+        tg.cancel_scope.cancel()
+    assert sorted(results) == [(i, ("test-results-0", f"job {i}")) for i in range(50)]
+
+
+async def test_a_call_is_not_cancelled_half_way(anyio_backend: str) -> None:
+    threads = _threads(anyio_backend)
+    finished: list[int] = []
+
+    def slow() -> int:
+        time.sleep(0.2)
+        return 7
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(threads.serve)
+        await anyio.wait_all_tasks_blocked()
+        with anyio.move_on_after(0.05) as scope:
+            finished.append(await threads.call(slow))
+            await anyio.lowlevel.checkpoint()  # the cancellation lands here
+            finished.append(-1)
+        tg.cancel_scope.cancel()
+    assert scope.cancelled_caught
+    assert finished == [7]
+
+
+async def test_without_the_service_calls_run_inline(anyio_backend: str) -> None:
+    threads = _threads(anyio_backend)
+    assert not threads.serving
+    assert await threads.call(lambda: threading.current_thread().name) == (
+        threading.current_thread().name
+    )
