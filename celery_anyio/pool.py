@@ -282,6 +282,7 @@ class Pool(BasePool):  # type: ignore[misc]
                 "running": self._runner.running,
                 "queued": max(0, len(self._runner.jobs) - self._runner.running),
                 "threads": self.thread_limit,
+                "result-threads": self._result_threads.threads if self._result_threads else 0,
                 "timeouts": [self.default_soft_timeout, self.default_timeout],
                 "processes": [os.getpid()],
                 "loop-lag-ms": self._monitor.stats(),

@@ -9,6 +9,7 @@ Celery's tracer does it, and the same test shows the stall: the measure can fail
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -45,6 +46,8 @@ def test_slow_result_stores_do_not_stall_the_loop(
         longest_gap = gaps.get(timeout=30)
     finally:
         client.close()
+    replies = client_stats(namespace, slow_store_worker)
+    assert replies["pool"]["result-threads"] == slow_store_worker.result_threads  # type: ignore[attr-defined]
     store = redis.Redis.from_url(namespace.results_url, decode_responses=True)
     where = [store.hgetall(f"store-thread:{r.id}") for r in stored]
     assert [w["current"] for w in where] == [r.id for r in stored]  # the right current_task
@@ -54,3 +57,12 @@ def test_slow_result_stores_do_not_stall_the_loop(
     else:
         assert {w["thread"] for w in where} == {"celery-anyio-loop"}
         assert longest_gap >= STORE_SECONDS
+
+
+def client_stats(namespace: Namespace, worker: Worker) -> dict[str, Any]:
+    client = namespace.client(worker.queue)
+    try:
+        replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats()
+    finally:
+        client.close()
+    return dict((replies or {})[worker.node])

@@ -109,6 +109,7 @@ def test_inspect_stats_shows_the_pool(client: Client, worker: Worker, pool_backe
     assert pool["implementation"] == "celery_anyio.pool:Pool"
     assert pool["backend"] == pool_backend
     assert pool["max-concurrency"] == 200
+    assert pool["result-threads"] == 1
 
 
 def test_no_errors_in_worker_log(client: Client, worker: Worker) -> None:
