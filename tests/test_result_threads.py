@@ -9,7 +9,6 @@ Celery's tracer does it, and the same test shows the stall: the measure can fail
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -21,48 +20,44 @@ STORES = 5  # back to back on the loop they would stall it for 1.5 s
 
 
 @pytest.fixture(params=[1, 0], ids=["result-threads", "on-loop"])
+def result_threads(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture
 def slow_store_worker(
-    request: pytest.FixtureRequest, namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: str, result_threads: int
 ) -> Iterator[Worker]:
-    queue = namespace.queue(f"slowstore-{pool_backend}-{request.param}")
+    queue = namespace.queue(f"slowstore-{pool_backend}-{result_threads}")
     conf = {
         "result_backend": f"tests.slow_results:SlowRedisBackend+{namespace.results_url}",
-        "worker_anyio_result_threads": request.param,
+        "worker_anyio_result_threads": result_threads,
     }
     args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "20"]
     with Worker(namespace, queue, args, conf=conf) as worker:
-        worker.result_threads = request.param  # type: ignore[attr-defined]
         yield worker
 
 
 def test_slow_result_stores_do_not_stall_the_loop(
-    namespace: Namespace, slow_store_worker: Worker
+    namespace: Namespace, slow_store_worker: Worker, result_threads: int
 ) -> None:
     client = namespace.client(slow_store_worker.queue)
+    node = slow_store_worker.node
     try:
         gaps = client.send("loop_gaps", 2.0)
         stored = [client.send("add", i, i) for i in range(STORES)]
         assert [r.get(timeout=30) for r in stored] == [2 * i for i in range(STORES)]
         longest_gap = gaps.get(timeout=30)
+        stats = client.app.control.inspect(timeout=5, destination=[node]).stats() or {}
     finally:
         client.close()
-    replies = client_stats(namespace, slow_store_worker)
-    assert replies["pool"]["result-threads"] == slow_store_worker.result_threads  # type: ignore[attr-defined]
+    assert stats[node]["pool"]["result-threads"] == result_threads
     store = redis.Redis.from_url(namespace.results_url, decode_responses=True)
     where = [store.hgetall(f"store-thread:{r.id}") for r in stored]
     assert [w["current"] for w in where] == [r.id for r in stored]  # the right current_task
-    if slow_store_worker.result_threads:  # type: ignore[attr-defined]
+    if result_threads:
         assert {w["thread"] for w in where} == {"celery-anyio-results-0"}
         assert longest_gap < STORE_SECONDS / 2
     else:
         assert {w["thread"] for w in where} == {"celery-anyio-loop"}
         assert longest_gap >= STORE_SECONDS
-
-
-def client_stats(namespace: Namespace, worker: Worker) -> dict[str, Any]:
-    client = namespace.client(worker.queue)
-    try:
-        replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats()
-    finally:
-        client.close()
-    return dict((replies or {})[worker.node])
