@@ -157,3 +157,35 @@ def hold_sync(seconds: float, n: int, sent: float = 0.0) -> Timings:
     time.sleep(seconds)
     _Hold.sync_event.wait(HOLD_TIMEOUT)
     return [sent, started, time.time()]
+
+
+# -- Celery's own share of memory (the ``reserved`` reference) ---------------------
+
+
+class _Received:
+    """How many messages this worker process has received (``task_received``)."""
+
+    count = 0
+    changed = threading.Condition()
+
+
+@signals.task_received.connect
+def _count_received(**_: Any) -> None:
+    with _Received.changed:
+        _Received.count += 1
+        _Received.changed.notify_all()
+
+
+@app.task(name="bench.reserved_sync")
+def reserved_sync(n: int, sent: float = 0.0) -> Timings:
+    """Return once this worker has received ``n`` messages.
+
+    Under ``-P threads -c 1`` with a prefetch of ``n``, the first task holds the
+    only thread until the consumer has taken in all ``n``: the peak RSS is then
+    what Celery itself keeps per received message, before any pool runs it.
+    """
+    started = time.time()
+    with _Received.changed:
+        if not _Received.changed.wait_for(lambda: _Received.count >= n, HOLD_TIMEOUT):
+            raise RuntimeError(f"only {_Received.count} of {n} messages received")
+    return [sent, started, time.time()]

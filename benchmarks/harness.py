@@ -69,6 +69,7 @@ class PoolConfig:
     concurrency: int
     backend: str | None = None
     uvloop: bool = False
+    prefetch: int | None = None  # the worker's prefetch multiplier, when not the default
 
     @property
     def is_async(self) -> bool:
@@ -87,6 +88,8 @@ class PoolConfig:
             return f"anyio-{self.variant} -c {self.concurrency}"
         if self.pool == "solo":
             return "solo"
+        if self.prefetch is not None:
+            return f"{self.pool} -c {self.concurrency} (prefetch {self.prefetch})"
         return f"{self.pool} -c {self.concurrency}"
 
     @property
@@ -99,6 +102,8 @@ class PoolConfig:
 
     @property
     def prefetch_multiplier(self) -> int:
+        if self.prefetch is not None:
+            return self.prefetch
         # Enough prefetch to keep every slot busy, without 4 x 10000 messages.
         return 1 if self.concurrency >= 1000 else 4
 
@@ -117,8 +122,14 @@ class Workload:
     n: int
     io_seconds: float = 0.0
     hold: bool = False  # tasks wait until all ``n`` have started (then ``io_seconds``)
+    reserve: bool = False  # tasks wait until the worker has received all ``n``
     cpu_ms: float = 0.0
     cpu_every: int = 0  # every k-th message is the CPU task (0: none)
+
+    @property
+    def waits_for_all(self) -> bool:
+        """Whether every task waits for the others (no paced latency phase, no caps)."""
+        return self.hold or self.reserve
 
     @property
     def task_seconds(self) -> float:
@@ -133,6 +144,8 @@ class Workload:
         for i in range(self.n if n is None else n):
             if self.cpu_every and i % self.cpu_every == self.cpu_every - 1:
                 out.append((f"bench.cpu_{suffix}", [self.cpu_ms]))
+            elif self.reserve:
+                out.append(("bench.reserved_sync", [self.n if n is None else n]))
             elif self.hold:
                 out.append((f"bench.hold_{suffix}", [self.io_seconds, self.n if n is None else n]))
             elif self.io_seconds:

@@ -75,6 +75,7 @@ class Profile:
     huge_workloads: tuple[str, ...]
     huge_variants: tuple[str, ...]  # which of asyncio/uvloop/trio run the huge cases
     stock: tuple[PoolConfig, ...]  # Celery's own pools, with the sync tasks
+    references: dict[str, tuple[PoolConfig, ...]]  # extra configs for one workload only
 
 
 def make_profile(quick: bool, n: int | None) -> Profile:
@@ -86,6 +87,7 @@ def make_profile(quick: bool, n: int | None) -> Profile:
                 Workload("noop", size),
                 Workload("io", size, io_seconds=IO_SECONDS),
                 Workload("inflight", size, io_seconds=2.0, hold=True),
+                Workload("reserved", size, reserve=True),
             ),
             runs=1,
             latency=LatencyPlan(max_n=500, max_seconds=2.0, min_n=20),
@@ -101,6 +103,7 @@ def make_profile(quick: bool, n: int | None) -> Profile:
                 PoolConfig("solo", 1),
                 PoolConfig("prefork", 2),
             ),
+            references={"reserved": (PoolConfig("threads", 1, prefetch=size),)},
         )
     size = n or 5000
     return Profile(
@@ -110,6 +113,7 @@ def make_profile(quick: bool, n: int | None) -> Profile:
             Workload("io", size, io_seconds=IO_SECONDS),
             Workload("mixed", size, io_seconds=IO_SECONDS, cpu_ms=5.0, cpu_every=10),
             Workload("inflight", 2 * size, io_seconds=10.0, hold=True),
+            Workload("reserved", 2 * size, reserve=True),
         ),
         runs=3,
         latency=LatencyPlan(max_n=500, max_seconds=3.0),
@@ -127,6 +131,13 @@ def make_profile(quick: bool, n: int | None) -> Profile:
             PoolConfig("solo", 1),
             PoolConfig("prefork", 2),
         ),
+        references={
+            # The same 10,000 tasks all in flight under gevent, and Celery alone
+            # holding 10,000 received messages (none started): what the inflight
+            # target's RSS compares with.
+            "inflight": (PoolConfig("gevent", 2 * size),),
+            "reserved": (PoolConfig("threads", 1, prefetch=2 * size),),
+        },
     )
 
 
@@ -150,13 +161,16 @@ def anyio_config(variant: str, concurrency: int) -> PoolConfig:
 
 
 def build_cases(
-    profile: Profile, variants: Sequence[str], stock: Sequence[PoolConfig]
+    profile: Profile,
+    variants: Sequence[str],
+    stock: Sequence[PoolConfig],
+    references: dict[str, tuple[PoolConfig, ...]],
 ) -> list[tuple[PoolConfig, Workload]]:
     """Every (config, workload), grouped by workload so compared cases run close in time."""
     cases: list[tuple[PoolConfig, Workload]] = []
     for workload in profile.workloads:
         configs: list[PoolConfig] = []
-        if workload.name != "inflight":
+        if not workload.waits_for_all:
             for concurrency in profile.anyio_concurrency:
                 configs += [anyio_config(variant, concurrency) for variant in variants]
             configs += stock
@@ -166,6 +180,7 @@ def build_cases(
                 for variant in variants
                 if variant in profile.huge_variants
             ]
+        configs += references.get(workload.name, ())
         cases += [(config, workload) for config in configs]
     return cases
 
@@ -177,8 +192,10 @@ def sized(profile: Profile, config: PoolConfig, workload: Workload) -> int:
     i.e. per greenlet, so it opens a Redis connection per task and drains at a
     fraction of the other pools' rate.
     """
+    if workload.waits_for_all:
+        return workload.n
     n = min(workload.n, profile.pool_caps.get(config.pool, workload.n))
-    if workload.task_seconds <= 0 or workload.name == "inflight":
+    if workload.task_seconds <= 0:
         return n
     cap = int(profile.drain_cap_seconds * config.concurrency / workload.task_seconds)
     return min(n, max(cap, 50))
@@ -227,7 +244,7 @@ class Case:
     @property
     def timeout(self) -> float:
         ideal = self.n * self.workload.task_seconds / self.config.concurrency
-        if self.workload.hold:  # every task waits for the worker to take in all n
+        if self.workload.waits_for_all:  # every task waits for the worker to take in all n
             ideal += self.n / 50
         return 60 + 3 * ideal
 
@@ -237,7 +254,7 @@ def progress(message: str) -> None:
 
 
 def run_once(env: Environment, profile: Profile, case: Case, run: int) -> None:
-    plan = None if case.workload.name == "inflight" else profile.latency
+    plan = None if case.workload.waits_for_all else profile.latency
     try:
         result = measure_run(env, case.config, case.workload, case.n, run, case.timeout, plan)
     except Exception as exc:  # noqa: BLE001 - recorded in the table
@@ -357,6 +374,8 @@ def results_table(cases: Sequence[Case], figures: Figures) -> list[str]:
             workload += f" (n={case.n})"
         if case.ok and case.workload.hold:
             workload += f" (peak {case.peak_in_flight:,} in flight)"
+        if case.ok and case.workload.reserve:
+            workload += f" ({case.n:,} received before the first returned)"
         cells = [case.config.label, workload]
         if not case.ok:
             error = "; ".join(dict.fromkeys(case.errors)).replace("|", "/")
@@ -500,6 +519,7 @@ def targets(figures: Figures) -> list[Target]:
             )
         else:
             measured = f"{peak:.0f} MB (max of {len(case.runs)} runs), {size}"
+            measured += _memory_references(figures, case)
             out.append(Target(name, measured, peak, peak <= INFLIGHT_MB))
     variants = dict.fromkeys(c.config.variant for c in figures.anyio("io"))
     for variant in variants:
@@ -534,6 +554,29 @@ def targets(figures: Figures) -> list[Target]:
         )
         out.append(Target(name, measured, worst_ratio, worst_ratio >= 1 / TRIO_WITHIN))
     return out
+
+
+def _memory_references(figures: Figures, case: Case) -> str:
+    """The same run's references for an inflight peak: Celery's floor and gevent."""
+    text = ""
+    floor = figures.find("reserved", "threads")
+    if floor is not None:
+        floor_mb = max(floor.rss_mb)
+        text += (
+            f"; Celery alone, holding {floor.n:,} received messages with none started "
+            f"(threads -c 1): {floor_mb:.0f} MB, so {_kb_per_task(max(case.rss_mb), floor_mb, case.n)} "
+            "per task above that"
+        )
+    gevent = figures.find("inflight", "gevent")
+    if gevent is not None:
+        text += f"; gevent -c {gevent.config.concurrency:,}: {max(gevent.rss_mb):.0f} MB"
+        if floor is not None:
+            text += f" ({_kb_per_task(max(gevent.rss_mb), max(floor.rss_mb), gevent.n)} per task)"
+    return text
+
+
+def _kb_per_task(peak_mb: float, floor_mb: float, n: int) -> str:
+    return f"{(peak_mb - floor_mb) * 1024 / n:.1f} KB"
 
 
 def targets_table(items: Iterable[Target]) -> list[str]:
@@ -642,6 +685,15 @@ def _loadavg() -> str:
     return " / ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
+def _without_gevent(
+    references: dict[str, tuple[PoolConfig, ...]],
+) -> dict[str, tuple[PoolConfig, ...]]:
+    return {
+        name: tuple(c for c in configs if c.pool != "gevent")
+        for name, configs in references.items()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -662,12 +714,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not importable("uvloop"):
         variants.remove("uvloop")
         notes.append("uvloop: skipped (`import uvloop` fails in this environment)")
+    references = dict(profile.references)
     if not importable("gevent"):
         stock = [config for config in stock if config.pool != "gevent"]
+        references = _without_gevent(references)
         notes.append("gevent: skipped (`import gevent` fails in this environment)")
+    elif args.broker == "rabbitmq" and _without_gevent(references) != references:
+        # gevent drains ~10 tasks/s on RabbitMQ (see benchmarks/README.md): 10,000
+        # held tasks would only time out, after ~12 minutes.
+        references = _without_gevent(references)
+        notes.append(
+            "gevent -c 10000 inflight: skipped on RabbitMQ (gevent drains ~10 tasks/s there)"
+        )
     cases = [
         Case(config, workload, sized(profile, config, workload))
-        for config, workload in build_cases(profile, variants, stock)
+        for config, workload in build_cases(profile, variants, stock, references)
         if args.only in config.label
     ]
     load_start = _loadavg()
