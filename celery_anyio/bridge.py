@@ -14,16 +14,46 @@ from __future__ import annotations
 
 import contextvars
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from greenlet import getcurrent, greenlet
+from greenlet import GreenletExit, getcurrent, greenlet
 
 T = TypeVar("T")
 
+# Idle greenlets kept per thread. A new greenlet costs an allocation of its own
+# frame stack (an mmap, a page fault, a munmap on exit) on top of the object:
+# ~3 of them per job otherwise. Above this many idle ones, finished greenlets end.
+MAX_IDLE_GREENLETS = 256
+
 
 class _TracerGreenlet(greenlet):  # type: ignore[misc]
-    """A greenlet whose parent is the loop task awaiting on its behalf."""
+    """A greenlet whose parent is the loop task awaiting on its behalf.
+
+    It runs one call after another (:func:`_serve`), so a finished call leaves
+    it idle rather than dead.
+    """
+
+
+class _Finished:
+    """What a call in the bridge ended with: its return value or its exception."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any, error: BaseException | None) -> None:
+        self.value = value
+        self.error = error
+
+
+class _Idle(threading.local):
+    greenlets: list[_TracerGreenlet]
+
+    def __init__(self) -> None:
+        self.greenlets = []
+
+
+_idle = _Idle()
 
 
 def in_bridge() -> bool:
@@ -53,6 +83,19 @@ def await_(awaitable: Awaitable[T], *, as_body: bool = True) -> T:
     return result
 
 
+def _serve(func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """A bridge greenlet's life: run a call, hand its outcome over, wait for the next."""
+    while True:
+        try:
+            finished = _Finished(func(*args), None)
+        except GreenletExit:
+            raise  # the greenlet is being collected: end it
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            finished = _Finished(None, exc)
+        del func, args
+        func, args = getcurrent().parent.switch(finished)
+
+
 async def _plain_await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
@@ -65,12 +108,22 @@ async def run_bridged(
     """Call ``func(*args)`` in a greenlet, awaiting whatever it passes to await_.
 
     ``awaiter`` awaits each of those awaitables; the pool uses it to put the
-    task body under its soft time limit.
+    task body under its soft time limit.  The call sees a copy of the caller's
+    context, as a new task would.
     """
-    glet = _TracerGreenlet(func, getcurrent())
+    idle = _idle.greenlets
+    current = getcurrent()
+    if idle:
+        glet = idle.pop()
+        if glet.parent is not current:
+            glet.parent = current
+    else:
+        glet = _TracerGreenlet(_serve, current)
     glet.gr_context = contextvars.copy_context()
-    request = glet.switch(*args)
-    while not glet.dead:
+    request = glet.switch(func, args)
+    while type(request) is not _Finished:
+        if glet.dead:
+            raise RuntimeError("a celery_anyio bridge greenlet ended unexpectedly")
         try:
             if type(request) is _Plain:
                 value = await request.awaitable
@@ -80,5 +133,12 @@ async def run_bridged(
             request = glet.throw(*sys.exc_info())
         else:
             request = glet.switch(value)
-    result: T = request
+    glet.gr_context = None
+    if len(idle) < MAX_IDLE_GREENLETS:
+        idle.append(glet)
+    # The idle greenlet's frame still refers to ``request``: empty it.
+    result: T = request.value
+    error, request.value, request.error = request.error, None, None
+    if error is not None:
+        raise error
     return result
