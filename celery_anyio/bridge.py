@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 # Idle greenlets kept per thread. A new greenlet costs an allocation of its own
 # frame stack (an mmap, a page fault, a munmap on exit) on top of the object:
-# ~3 of them per job otherwise. Above this many idle ones, finished greenlets end.
+# ~3 of them per job otherwise. Above this many idle ones, a finished greenlet is
+# dropped, and killed (GreenletExit) when collected.
 MAX_IDLE_GREENLETS = 256
 
 
