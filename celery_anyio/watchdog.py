@@ -69,10 +69,9 @@ class LoopMonitor:
 
     def _report(self, lag: float) -> None:
         culprits, self._culprits = self._culprits, []
-        tasks = {task for task, _ in culprits}
-        if len(tasks) == 1 and None not in tasks:
-            (task,) = tasks
-            where = culprits[-1][1]
+        task = _sole_task(culprits)
+        if task is not None:
+            where = [seen for named, seen in culprits if named == task][-1]
             logger.warning(
                 "celery_anyio: the event loop was blocked for %.2fs by task %s (at %s); "
                 "every other task on this worker waited. Await async calls, or move "
@@ -129,6 +128,22 @@ class LoopMonitor:
                 break
             walker = walker.f_back
         return task, where
+
+
+def _sole_task(culprits: list[tuple[str | None, str]]) -> str | None:
+    """The one task seen on the loop's stack in most of the samples, if any.
+
+    Samples without a task come from the loop's own code: a sample taken just
+    before or after the blocking call must not hide the task that made it, but
+    a task seen only now and then while the loop waited (for the GIL, or the
+    OS) is not the culprit; nor is any task when two or more were seen.
+    """
+    named = {task for task, _ in culprits if task is not None}
+    if len(named) != 1:
+        return None
+    (task,) = named
+    hits = sum(1 for seen, _ in culprits if seen == task)
+    return task if hits * 2 > len(culprits) else None
 
 
 def _percentile(ordered: list[float], fraction: float) -> float:
