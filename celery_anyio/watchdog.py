@@ -39,7 +39,8 @@ class LoopMonitor:
         self.max_lag = 0.0
         self._last_tick = monotonic()
         self._loop_thread: int | None = None
-        self._culprits: list[tuple[str | None, str]] = []
+        # (the tick the sample was late for, task on the stack, where)
+        self._samples: list[tuple[float, str | None, str]] = []
         self._stopped = threading.Event()
 
     # -- on the loop ---------------------------------------------------------
@@ -58,17 +59,22 @@ class LoopMonitor:
 
     async def tick(self) -> None:
         started = monotonic()
+        previous_tick = self._last_tick
         await anyio.sleep(TICK_SECONDS)
         now = monotonic()
         lag = max(0.0, now - started - TICK_SECONDS)
         self._last_tick = now
         self._lags.append(lag)
         self.max_lag = max(self.max_lag, lag)
+        # Every tick takes the samples: a lag too short to report must not leave
+        # its samples (of another task, perhaps) to the next one that is.
+        samples, self._samples = self._samples, []
         if self.block_warning > 0 and lag >= self.block_warning:
-            self._report(lag)
+            self._report(
+                lag, [(task, where) for tick, task, where in samples if tick == previous_tick]
+            )
 
-    def _report(self, lag: float) -> None:
-        culprits, self._culprits = self._culprits, []
+    def _report(self, lag: float, culprits: list[tuple[str | None, str]]) -> None:
         task = _sole_task(culprits)
         if task is not None:
             where = [seen for named, seen in culprits if named == task][-1]
@@ -105,12 +111,15 @@ class LoopMonitor:
     def _watch(self) -> None:
         period = max(self.block_warning / 4, 0.005)
         while not self._stopped.wait(period):
-            late = monotonic() - self._last_tick - TICK_SECONDS
-            if late < self.block_warning / 2:
+            tick = self._last_tick
+            if monotonic() - tick - TICK_SECONDS < self.block_warning / 2:
                 continue
-            frame = sys._current_frames().get(self._loop_thread or 0)
-            if frame is not None:
-                self._culprits.append(self._describe(frame))
+            try:
+                frame = sys._current_frames().get(self._loop_thread or 0)
+                if frame is not None:
+                    self._samples.append((tick, *self._describe(frame)))
+            except Exception:  # a frame changing under the walk: the thread must live on
+                logger.debug("celery_anyio: watchdog sample failed", exc_info=True)
 
     def _describe(self, frame: FrameType) -> tuple[str | None, str]:
         """(``task[id]`` on the stack, if any; ``file:line in function``)."""

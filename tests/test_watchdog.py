@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from dataclasses import dataclass
+from time import monotonic
 
+import anyio
 import pytest
 
 from celery_anyio.watchdog import LoopMonitor
@@ -14,10 +19,9 @@ OTHER = "tests.other[2]"
 
 def _verdict(caplog: pytest.LogCaptureFixture, culprits: list[tuple[str | None, str]]) -> str:
     monitor = LoopMonitor(0.1, None)
-    monitor._culprits = list(culprits)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="celery_anyio.watchdog"):
-        monitor._report(0.6)
+        monitor._report(0.6, culprits)
     (record,) = caplog.records
     return f"{record.levelname}: {record.getMessage()}"
 
@@ -51,3 +55,54 @@ def test_lag_without_one_culprit_is_only_debug(
     caplog: pytest.LogCaptureFixture, culprits: list[tuple[str | None, str]]
 ) -> None:
     assert _verdict(caplog, culprits).startswith("DEBUG: celery_anyio: the event loop lagged")
+
+
+@dataclass
+class _Job:
+    label: str
+
+
+async def _run_job(job: _Job, seconds: float, monitor: LoopMonitor) -> int:
+    """Block the loop as a job would; return how many samples the watchdog took."""
+    time.sleep(seconds)  # noqa: ASYNC251 - the blocking call the watchdog is for
+    return len(monitor._samples)
+
+
+async def _tick_while_blocked(monitor: LoopMonitor, job: _Job, lag: float) -> int:
+    """One tick of the monitor, late by about ``lag`` because ``job`` blocks."""
+    sampled = 0
+
+    async def block() -> None:
+        nonlocal sampled
+        await anyio.sleep(0.01)  # the tick is asleep (trio starts tasks in any order)
+        sampled = await _run_job(job, lag + 0.04, monitor)
+
+    monitor._last_tick = monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor.tick)
+        tg.start_soon(block)
+    return sampled
+
+
+@pytest.mark.anyio
+async def test_a_lag_too_short_to_report_leaves_no_samples_to_the_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Samples start at half the threshold (0.2 s) and come every 0.1 s: a lag of
+    # 0.33 s is sampled, not reported. Its samples name another task, so left
+    # over they would turn the next warning into a "several tasks" debug line.
+    monitor = LoopMonitor(0.4, _run_job.__code__)
+    monitor._loop_thread = threading.get_ident()
+    watchdog = threading.Thread(target=monitor._watch, daemon=True)
+    watchdog.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="celery_anyio.watchdog"):
+            assert await _tick_while_blocked(monitor, _Job(OTHER), 0.33) >= 1
+            assert not caplog.records
+            await _tick_while_blocked(monitor, _Job(BLOCKER), 0.7)
+    finally:
+        monitor._stopped.set()
+        watchdog.join()
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert f"by task {BLOCKER} (at " in record.getMessage()
