@@ -126,6 +126,7 @@ async def group_sleepers(key: str, seconds: float) -> str:
         finally:
             _tally(key, f"child{i}")
 
+    _tally(key, "started:group")
     async with anyio.create_task_group() as tg:
         for i in range(3):
             tg.start_soon(child, i)

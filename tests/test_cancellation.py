@@ -19,6 +19,7 @@ from .harness import (
     tallies,
     wait_for_log,
     wait_for_state,
+    wait_until_started,
 )
 
 pytestmark = pytest.mark.worker
@@ -133,17 +134,19 @@ def test_time_limits_inside_a_group_map_to_the_time_limit_states(limits: Client)
         hard.get(timeout=30)
     assert type(soft_info.value).__name__ == "SoftTimeLimitExceeded"
     assert type(hard_info.value).__name__ == "TimeLimitExceeded"
-    assert tallies(limits, soft_key, 3) == {"child0": 1, "child1": 1, "child2": 1}
-    assert tallies(limits, hard_key, 3) == {"child0": 1, "child1": 1, "child2": 1}
+    unwound = {"started:group": 1, "child0": 1, "child1": 1, "child2": 1}
+    assert tallies(limits, soft_key, 4) == unwound
+    assert tallies(limits, hard_key, 4) == unwound
 
 
 def test_revoke_inside_a_group_is_revoked(limits: Client) -> None:
     k = key()
     result = send(limits, "group_sleepers", k, 30)
-    time.sleep(0.5)
+    wait_until_started(limits, k, 1)  # revoked before it starts, it would never run
+    time.sleep(0.1)  # the children are asleep
     result.revoke(terminate=True)
     assert wait_for_state(result, "REVOKED") < 1.0
-    assert tallies(limits, k, 3) == {"child0": 1, "child1": 1, "child2": 1}
+    assert tallies(limits, k, 4) == {"started:group": 1, "child0": 1, "child1": 1, "child2": 1}
 
 
 # -- what a task must not be able to do ----------------------------------------------
