@@ -75,3 +75,14 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[uvloop]", *BENCH_DEPS)
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=CI_PYTHON)
+def profile(session: nox.Session) -> None:
+    """Where each pool's worker CPU goes per task, by thread and package (py-spy).
+
+    ``nox -s profile`` drains 5,000 noop tasks per pool on Redis;
+    ``-- --workload io``, ``-- --pools anyio-trio,threads``, ``-- -n 10000``.
+    """
+    session.install("-e", ".", *BENCH_DEPS, "py-spy>=0.3.14")
+    session.run("python", "-m", "benchmarks.profile", *session.posargs)
