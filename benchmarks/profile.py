@@ -251,7 +251,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--broker", choices=sorted(BROKERS), default="redis")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="noop")
-    parser.add_argument("--pools", default="anyio-asyncio,anyio-trio,threads,solo")
+    parser.add_argument(
+        "--pools", default=None, help=f"comma-separated, of {', '.join(POOLS)} (io: no solo)"
+    )
     parser.add_argument("-n", type=int, default=5000)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     return parser.parse_args(argv)
@@ -278,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}\n"
     )
     try:
-        for name in args.pools.split(","):
+        pools = args.pools or ",".join(p for p in POOLS if args.workload == "noop" or p != "solo")
+        for name in pools.split(","):
             profile = profile_once(env, POOLS[name], workload, args.n, args.rate, spy)
             print(report(POOLS[name].label, profile), flush=True)
     finally:
