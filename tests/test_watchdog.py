@@ -106,3 +106,26 @@ async def test_a_lag_too_short_to_report_leaves_no_samples_to_the_next(
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert f"by task {BLOCKER} (at " in record.getMessage()
+
+
+@pytest.mark.anyio
+async def test_a_failed_sample_does_not_end_the_watchdog() -> None:
+    monitor = LoopMonitor(0.4, _run_job.__code__)
+    monitor._loop_thread = threading.get_ident()
+    attempts = 0
+
+    def broken(frame: object) -> tuple[str | None, str]:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("the frame changed under the walk")
+
+    monitor._describe = broken  # type: ignore[method-assign]
+    watchdog = threading.Thread(target=monitor._watch, daemon=True)
+    watchdog.start()
+    try:
+        await _tick_while_blocked(monitor, _Job(BLOCKER), 0.7)
+        assert attempts >= 2  # samples every 0.1 s from 0.2 s late on
+        assert watchdog.is_alive()
+    finally:
+        monitor._stopped.set()
+        watchdog.join()
