@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from time import monotonic
 
@@ -17,11 +18,11 @@ BLOCKER = "tests.blocker[1]"
 OTHER = "tests.other[2]"
 
 
-def _verdict(caplog: pytest.LogCaptureFixture, culprits: list[tuple[str | None, str]]) -> str:
+def _verdict(caplog: pytest.LogCaptureFixture, culprits: Sequence[tuple[str | None, str]]) -> str:
     monitor = LoopMonitor(0.1, None)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="celery_anyio.watchdog"):
-        monitor._report(0.6, culprits)
+        monitor._report(0.6, list(culprits))
     (record,) = caplog.records
     return f"{record.levelname}: {record.getMessage()}"
 
