@@ -32,7 +32,10 @@ import psutil
 
 from .harness import (
     ANYIO_POOL,
+    CHUNK,
+    RESULT_PREFIX,
     ROOT,
+    BenchError,
     Environment,
     PoolConfig,
     Publisher,
@@ -144,6 +147,7 @@ def profile_once(
     results = Results(env.results_url)
     worker = Worker(env, config, queue, env.log_dir / f"{config.slug}.log")
     raw = env.log_dir / f"{config.slug}.raw"
+    spying: subprocess.Popen[bytes] | None = None
     try:
         publisher.reset_queue()
         ids = publisher.preload(workload.messages(config.is_async, n))
@@ -155,7 +159,7 @@ def profile_once(
         spying = subprocess.Popen(
             [spy, "record", "--pid", str(worker.pid), "--format", "raw", "--threads", "--gil",
              "--nonblocking", "--full-filenames", "--rate", str(rate), "-o", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         done_before = sum(int(results.client.exists(*chunk)) for chunk in _chunks(ids))
         results.wait_all(ids, timeout=600, alive=worker.alive)
@@ -171,11 +175,15 @@ def profile_once(
         for name, seconds in process_cpu(worker.pid).items():
             profile.neighbours[name] = seconds - others.get(name, 0.0)
         spying.send_signal(signal.SIGINT)
-        spying.wait(30)
+        _, spy_errors = spying.communicate(timeout=30)
+        if not raw.exists():
+            raise BenchError(f"py-spy wrote no profile: {spy_errors.decode(errors='replace')}")
         profile.add_raw(raw.read_text())
         results.delete(ids)
         return profile
     finally:
+        if spying is not None and spying.poll() is None:
+            spying.kill()
         worker.stop()
         publisher.reset_queue(delete=True)
         publisher.close()
@@ -192,8 +200,8 @@ def process_cpu(worker: int) -> dict[str, float]:
     return out
 
 
-def _chunks(ids: Sequence[str], size: int = 500) -> list[list[str]]:
-    return [[f"celery-task-meta-{i}" for i in ids[k : k + size]] for k in range(0, len(ids), size)]
+def _chunks(ids: Sequence[str]) -> list[list[str]]:
+    return [[RESULT_PREFIX + i for i in ids[k : k + CHUNK]] for k in range(0, len(ids), CHUNK)]
 
 
 def side_of(package: str) -> str:
