@@ -20,6 +20,11 @@ used from several threads.  It does not use the Redis backend's pub/sub
 consumer, which belongs to whoever calls ``.get()``.  ``rpc://`` delivers each
 result as a message to the thread that sent the task, which no poller can read:
 :func:`aget` refuses it with :class:`UnsupportedResultBackend`.
+
+Both run in a few threads of their own per event loop (:func:`client_limiter`),
+not in AnyIO's default limiter: publishing and reading results is Python work
+that holds the GIL, and dozens of threads doing it at once keep the loop thread
+waiting for the GIL, which is what every other coroutine of the program waits for.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from celery.exceptions import ImproperlyConfigured
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -45,6 +51,7 @@ __all__ = [
     "adelay",
     "aget",
     "asend_task",
+    "client_limiter",
 ]
 
 T = TypeVar("T")
@@ -52,10 +59,34 @@ T = TypeVar("T")
 #: First pause between two looks at the backend; it grows by BACKOFF up to ``interval``.
 FIRST_DELAY = 0.002
 BACKOFF = 1.5
+#: How many of the client's thread calls (sends, looks at results) run at once per loop.
+DEFAULT_THREADS = 4
+
+_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "celery_anyio.aio.client_limiter"
+)
 
 
 class UnsupportedResultBackend(ImproperlyConfigured):  # type: ignore[misc]
     """The result backend cannot be polled from a worker thread (``rpc://``)."""
+
+
+def client_limiter() -> anyio.CapacityLimiter:
+    """The limiter of the client's thread calls on the running event loop.
+
+    One per event loop run, created with :data:`DEFAULT_THREADS` tokens, as AnyIO
+    keeps its own default thread limiter.  Few threads are enough: the calls are
+    short, and the GIL runs one at a time anyway; more only make the loop thread
+    wait longer for the GIL.  Being its own limiter, it also leaves AnyIO's default
+    one (the program's ``to_thread`` calls, Starlette's sync endpoints) to the
+    program.  Change it on the running loop: ``client_limiter().total_tokens = 8``.
+    """
+    try:
+        return _limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(DEFAULT_THREADS)
+        _limiter.set(limiter)
+        return limiter
 
 
 # -- sending -----------------------------------------------------------------
@@ -94,7 +125,7 @@ async def asend_task(
 async def _publish(send: Callable[[], T]) -> T:
     # Not abandoned on cancellation: the thread would publish anyway, and the
     # caller should not go on before knowing whether it did.
-    return await anyio.to_thread.run_sync(send)
+    return await anyio.to_thread.run_sync(send, limiter=client_limiter())
 
 
 # -- waiting -----------------------------------------------------------------
@@ -134,7 +165,7 @@ async def aget(
 
 async def _poll(func: Callable[[], T]) -> T:
     # A look only reads the backend, so a cancelled caller need not wait for it.
-    return await anyio.to_thread.run_sync(func, abandon_on_cancel=True)
+    return await anyio.to_thread.run_sync(func, abandon_on_cancel=True, limiter=client_limiter())
 
 
 def _check_pollable(result: Any) -> None:
