@@ -12,19 +12,23 @@ from typing import Any
 
 
 class WrongPoolError(RuntimeError):
-    """An ``async def`` task was executed by a pool that cannot await it."""
+    """An ``async def`` task was executed by a pool that cannot await it.
+
+    ``args`` is only the task's name, so a client rebuilding it from a JSON
+    result (``cls(*args)``) gets the same message back.
+    """
 
     def __init__(self, task_name: str) -> None:
-        super().__init__(
-            f"celery_anyio: async task {task_name!r} was executed by a pool that "
+        super().__init__(task_name)
+        self.task_name = task_name
+
+    def __str__(self) -> str:
+        return (
+            f"celery_anyio: async task {self.task_name!r} was executed by a pool that "
             "cannot await coroutines, so its body would never run. Start the "
             "worker with -P celery_anyio:Pool (or set worker_pool = "
             "'celery_anyio:Pool')."
         )
-        self.task_name = task_name
-
-    def __reduce__(self) -> tuple[type[WrongPoolError], tuple[str]]:
-        return type(self), (self.task_name,)
 
 
 class TaskExceptionGroup(Exception):

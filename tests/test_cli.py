@@ -114,6 +114,9 @@ def test_async_task_under_another_pool_fails_loudly(namespace: Namespace, other_
         with pytest.raises(Exception, match="celery_anyio") as info:
             result.get(timeout=30)
         assert type(info.value).__name__ == "WrongPoolError"
+        # Rebuilt by the client from the JSON result: the message, once, intact.
+        assert str(info.value).count("was executed by a pool") == 1, str(info.value)
+        assert str(info.value).startswith("celery_anyio: async task 'tests.workerapp.add' was")
         assert result.state == "FAILURE"
         marked = client.send("mark", "celery-anyio-test:never")  # ignore_result: still loud
         client.close()
