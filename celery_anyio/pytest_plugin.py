@@ -32,7 +32,8 @@ from celery.contrib.testing.worker import TestWorkController, start_worker
 from celery.worker import state as worker_state
 from kombu.utils.url import maybe_sanitize_url
 
-from . import _backends, patches
+from . import _backends
+from . import settings as pool_settings
 
 __all__ = ["WorkerStartError", "start_anyio_worker"]
 
@@ -224,7 +225,7 @@ def _clear_stop_flag() -> None:
 
 def _worker_settings(app: Any, anyio_backend: str) -> dict[str, Any]:
     conf = app.conf
-    settings: dict[str, Any] = {patches.BACKEND_SETTING: anyio_backend}
+    settings: dict[str, Any] = {pool_settings.BACKEND: anyio_backend}
     if conf.worker_hijack_root_logger:
         settings["worker_hijack_root_logger"] = False
     transport_options = dict(conf.broker_transport_options or {})

@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import bridge
+from . import bridge, settings
 from .context import job_identity
 from .errors import WrongPoolError
 from .ownloop import run_on_own_loop
@@ -73,6 +73,6 @@ def run_to_completion(task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any
     Inside a running event loop (an eager call from async code) the body runs on
     a helper thread, which keeps the caller's request stack visible to it.
     """
-    backend = task.app.conf.get("worker_anyio_backend") or "asyncio"
+    backend = settings.backend_of(task.app.conf)
     identity = task.request_stack.__ident_func__()
     return run_on_own_loop(make_coro, backend, before=lambda: job_identity.set(identity))

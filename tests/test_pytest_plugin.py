@@ -151,7 +151,8 @@ def test_unknown_backend_is_a_clear_setup_error(suite: pytest.Pytester) -> None:
     error = (
         "*WorkerStartError: the celery_anyio worker for app 'example' on 'curio' "
         "(broker memory:///) did not start: "
-        "LookupError(\"unknown AnyIO backend 'curio': choose one of asyncio, trio\")"
+        "SettingError(\"worker_anyio_backend: unknown AnyIO backend 'curio': "
+        "choose one of asyncio, trio\")"
     )
     result.stdout.fnmatch_lines([error])
 

@@ -14,7 +14,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-BACKENDS = ("asyncio", "trio")
+from ..settings import BACKENDS
+
+__all__ = ["BACKENDS", "BackendModule", "load"]
 
 
 class BackendModule(Protocol):
