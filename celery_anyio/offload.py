@@ -28,6 +28,7 @@ from functools import partial, wraps
 from typing import Any
 
 import anyio
+import outcome
 
 from . import bridge
 from ._backends import BackendModule
@@ -37,28 +38,18 @@ _MARK = "__celery_anyio_offloaded__"
 
 
 class _Call:
-    __slots__ = ("context", "done", "error", "func", "value")
+    """One blocking call handed to the threads, and its outcome once it ran."""
+
+    __slots__ = ("context", "done", "func", "outcome")
 
     def __init__(self, func: Callable[[], Any]) -> None:
         self.func = func
         self.context = contextvars.copy_context()  # the job's identity, for current_task
         self.done = anyio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
+        self.outcome: outcome.Outcome[Any] | None = None
 
     def run(self) -> None:
-        try:
-            self.value = self.context.run(self.func)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            self.error = exc
-
-    def outcome(self) -> Any:
-        if self.error is not None:
-            try:
-                raise self.error
-            finally:
-                self.error = None
-        return self.value
+        self.outcome = self.context.run(outcome.capture, self.func)
 
 
 class BlockingCallThreads:
@@ -69,8 +60,16 @@ class BlockingCallThreads:
     runs the function in the caller's thread.
     """
 
-    def __init__(self, threads: int, backend: BackendModule, name: str) -> None:
+    def __init__(
+        self,
+        threads: int,
+        backend: BackendModule,
+        name: str,
+        after_call: Callable[[], None] | None = None,
+    ) -> None:
+        """``after_call`` runs in the thread after each call (Django's connection care)."""
         self.threads = max(1, threads)
+        self._after_call = after_call
         self._backend = backend
         self._name = name
         self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
@@ -103,12 +102,17 @@ class BlockingCallThreads:
         self._work.put(call)
         with anyio.CancelScope(shield=True):
             await call.done.wait()
-        return call.outcome()
+        result, call.outcome = call.outcome, None
+        assert result is not None
+        return result.unwrap()
 
     def _work_loop(self) -> None:
         work = self._work
+        after_call = self._after_call
         while (call := work.get()) is not None:
             call.run()
+            if after_call is not None:
+                after_call()
             self._finished.append(call)
             if not self._wake_pending:
                 self._wake_pending = True

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import outcome
 
 
 def run_on_own_loop(
@@ -26,26 +27,21 @@ def run_on_own_loop(
 
     ``before`` runs first in the thread that runs the loop.
     """
-    try:
-        anyio.lowlevel.current_token()
-    except Exception:  # noqa: BLE001 - NoEventLoopError: this thread runs no loop
+
+    def run_here() -> Any:
         if before is not None:
             before()
         return anyio.run(make_coro, backend=backend)
 
-    outcome: dict[str, Any] = {}
+    try:
+        anyio.lowlevel.current_token()
+    except Exception:  # noqa: BLE001 - NoEventLoopError: this thread runs no loop
+        return run_here()
 
-    def in_thread() -> None:
-        if before is not None:
-            before()
-        try:
-            outcome["value"] = anyio.run(make_coro, backend=backend)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            outcome["error"] = exc
-
-    helper = threading.Thread(target=in_thread, name="celery-anyio-own-loop")
+    result: list[outcome.Outcome[Any]] = []
+    helper = threading.Thread(
+        target=lambda: result.append(outcome.capture(run_here)), name="celery-anyio-own-loop"
+    )
     helper.start()
     helper.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return result[0].unwrap()

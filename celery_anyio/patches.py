@@ -24,6 +24,10 @@ to switch patches off (``all`` switches off every one):
     ``task-started``/``task-succeeded`` from the loop thread while the consumer
     thread flushes the buffer, and Celery < 5.7 clears that buffer whole, losing
     events appended meanwhile (celery#10434 for the threads pool; fixed in 5.7).
+``messages``
+    Reject a malformed task message with a clear error instead of letting it
+    end the worker (see :mod:`celery_anyio.messages`): wraps the handler
+    ``Consumer.create_task_handler`` returns, in a worker running this pool.
 ``signals``
     Let ``async def`` receivers of Celery's signals be awaited (see
     :mod:`celery_anyio.receivers`): ``Signal._live_receivers`` hands ``send`` a
@@ -38,10 +42,10 @@ from typing import Any
 
 from celery import _state
 
+from . import settings
 from .context import make_ident_func
 
-PATCHES = ("stacks", "tasks", "cli", "aio", "events", "signals")
-BACKEND_SETTING = "worker_anyio_backend"
+PATCHES = ("stacks", "tasks", "cli", "aio", "events", "messages", "signals")
 
 
 def enabled(name: str) -> bool:
@@ -166,7 +170,7 @@ def patch_worker_cli(backends: Iterable[str]) -> None:
 
     def store_backend(ctx: Any, param: Any, value: str | None) -> None:
         if value is not None:
-            ctx.obj.app.conf[BACKEND_SETTING] = value
+            ctx.obj.app.conf[settings.BACKEND] = value
 
     worker_cli.worker.params.append(
         CeleryOption(
@@ -178,7 +182,7 @@ def patch_worker_cli(backends: Iterable[str]) -> None:
             help_group="Pool Options",
             help=(
                 "Event loop for -P celery_anyio:Pool (default: the "
-                f"{BACKEND_SETTING} setting, else asyncio)."
+                f"{settings.BACKEND} setting, else asyncio)."
             ),
         )
     )
@@ -288,6 +292,28 @@ def install_async_receivers() -> None:
 
     _live_receivers._celery_anyio_patched = True  # type: ignore[attr-defined]
     Signal._live_receivers = _live_receivers
+
+
+# -- messages ----------------------------------------------------------------
+
+
+def guard_task_messages() -> None:
+    """Make the worker's consumer reject malformed task messages (see messages.py)."""
+    if not enabled("messages"):
+        return
+    from celery.worker.consumer.consumer import Consumer
+
+    from .messages import guard_task_handler
+
+    stock = Consumer.create_task_handler
+    if getattr(stock, "_celery_anyio_patched", False):
+        return
+
+    def create_task_handler(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return guard_task_handler(self, stock(self, *args, **kwargs))
+
+    create_task_handler._celery_anyio_patched = True  # type: ignore[attr-defined]
+    Consumer.create_task_handler = create_task_handler
 
 
 # -- events ------------------------------------------------------------------

@@ -9,35 +9,29 @@ thread, where acks are handed back to the consumer through the kombu hub.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
-from functools import partial
 from typing import Any
 
+from celery import signals
 from celery.app import trace as celery_trace
 from celery.concurrency.base import BasePool
 from celery.worker import state as worker_state
 
 from . import _backends, patches, worker_lifespan
-from .jobs import Job, JobRunner
+from .consumer_thread import ConsumerThread
+from .django_tasks import DjangoTasks
+from .jobs import Job, JobRunner, describe_frame
 from .loop import LoopThread
+from .messages import PoolNotRunning
 from .offload import BlockingCallThreads, offload_app_backends
 from .receivers import WorkerLoop
+from .settings import PoolSettings
 from .tasks import is_async_task
 from .watchdog import LoopMonitor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKEND = "asyncio"
-THREAD_LIMIT_SETTING = "worker_anyio_thread_limit"
-BACKEND_OPTIONS_SETTING = "worker_anyio_backend_options"
-BLOCK_WARNING_SETTING = "worker_anyio_block_warning"
-DEFAULT_THREAD_LIMIT = 40
-DEFAULT_BLOCK_WARNING = 0.1
-RESULT_THREADS_SETTING = "worker_anyio_result_threads"
-DEFAULT_RESULT_THREADS = 1  # measured best: more threads only contend for the GIL
 STOP_POLL_SECONDS = 0.5
 TERMINATE_GRACE_SECONDS = 10.0
 
@@ -53,33 +47,41 @@ class Pool(BasePool):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        conf = self.app.conf if self.app is not None else {}
-        self.backend = resolve_backend(conf)
+        self.settings = PoolSettings.from_conf(self.app.conf if self.app is not None else None)
+        self.backend = self.settings.backend
         self.limit: int = int(self.limit or 1)
-        self.thread_limit = int(
-            conf.get(THREAD_LIMIT_SETTING) or min(self.limit, DEFAULT_THREAD_LIMIT)
-        )
-        self.backend_options = dict(conf.get(BACKEND_OPTIONS_SETTING) or {})
         self.default_soft_timeout = self.options.get("soft_timeout")
         self.default_timeout = self.options.get("timeout")
-        self._runner = JobRunner(self.limit, self.thread_limit, _backends.load(self.backend))
-        block_warning = conf.get(BLOCK_WARNING_SETTING)
-        self._monitor = LoopMonitor(
-            DEFAULT_BLOCK_WARNING if block_warning is None else float(block_warning),
-            JobRunner._run_accepted.__code__,
+        self._consumer = ConsumerThread()
+        self._django = DjangoTasks.of(self.app)
+        if self._django is not None:
+            self._django.check(self.app, self.backend, self.settings.result_threads)
+        self._runner = JobRunner(
+            self.limit,
+            self.settings.threads_for(self.limit),
+            _backends.load(self.backend),
+            after_report=self._consumer.wake,
+            wrap_body=(
+                self._django.wrap_body
+                if self._django is not None and self.backend == "asyncio"
+                else None
+            ),
         )
-        result_threads = conf.get(RESULT_THREADS_SETTING)
-        if result_threads is None:
-            result_threads = DEFAULT_RESULT_THREADS
+        self._monitor = LoopMonitor(self.settings.block_warning, describe_frame)
         self._result_threads = (
-            BlockingCallThreads(int(result_threads), self._runner.backend, "celery-anyio-results")
-            if int(result_threads) > 0
+            BlockingCallThreads(
+                self.settings.result_threads,
+                self._runner.backend,
+                "celery-anyio-results",
+                after_call=self._django.after_blocking_call if self._django else None,
+            )
+            if self.settings.result_threads > 0
             else None
         )
         self._loop: LoopThread | None = None
         self._loop_name: str | None = None
         self._async_tasks: dict[str, bool] = {}
-        self._consumer_waker: socket.socket | None = None
+        self._shutdown_sent = False
 
     # -- start ----------------------------------------------------------------
 
@@ -89,23 +91,27 @@ class Pool(BasePool):  # type: ignore[misc]
             patches.wrap_async_tasks(self.app)
             patches.patch_request_stacks(self.app)
         patches.lock_event_dispatcher()  # before the consumer creates its dispatcher
+        patches.guard_task_messages()  # before the consumer's loop builds its handler
+        # This process runs the tasks: what prefork's children announce, it does.
+        signals.worker_process_init.send(sender=None)
         self._loop = LoopThread(
             self.backend,
-            self.backend_options,
+            dict(self.settings.backend_options),
             on_loop_start=self._on_loop_start,
             services=[
                 self._monitor.run,
                 *([self._result_threads.serve] if self._result_threads else []),
             ],
             admit=self._runner.admit,
-            lifespan=worker_lifespan.load(self.app),
+            lifespan=worker_lifespan.load(self.settings.lifespan, self.app),
         )
+        self._runner.attach(self._loop)
         self._loop.start()
         logger.info(
             "celery_anyio: %s event loop running, concurrency %d, %d threads for sync tasks",
             self.backend,
             self.limit,
-            self.thread_limit,
+            self._runner.stats()["threads"],
         )
 
     def _on_loop_start(self) -> None:
@@ -120,30 +126,8 @@ class Pool(BasePool):  # type: ignore[misc]
         return self._loop is not None and self._loop.running
 
     def register_with_event_loop(self, hub: Any) -> None:
-        """Wake the hub after our callbacks queued acks (kombu < 5.7 does not)."""
-        if hasattr(hub, "_create_waker"):
-            return
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-
-        def drain(*_: Any) -> None:
-            try:
-                while reader.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-
-        hub.add_reader(reader, drain)
-        self._consumer_waker = writer
-        self._runner.after_callbacks = self._wake_consumer
-
-    def _wake_consumer(self) -> None:
-        waker = self._consumer_waker
-        if waker is not None:
-            # BlockingIOError: already due to wake up; OSError: closing.
-            with contextlib.suppress(OSError):
-                waker.send(b"\0")
+        """The consumer's hub: acks and rejects of our jobs run there."""
+        self._consumer.register(hub)
 
     # -- work -----------------------------------------------------------------
 
@@ -165,11 +149,15 @@ class Pool(BasePool):  # type: ignore[misc]
         kwargs = dict(kwargs or {})
         if target is celery_trace.trace_task_ret and self.app is not None:
             kwargs.setdefault("app", self.app)
+        # Celery passes the Request's bound methods as callbacks, never the Request.
+        request = getattr(accept_callback, "__self__", None)
+        self._consumer.route_acks(request)
         job = Job(
             target=target,
             args=args,
             kwargs=kwargs,
             is_async=self._runs_async(target, args),
+            request=request,
             callback=callback,
             accept_callback=accept_callback,
             error_callback=error_callback,
@@ -178,11 +166,11 @@ class Pool(BasePool):  # type: ignore[misc]
             timeout=timeout or self.default_timeout,
             correlation_id=correlation_id,
         )
-        loop = self._loop
-        if loop is None or not loop.running:
-            raise RuntimeError("celery_anyio pool is not running")
-        self._runner.jobs[job.id] = job
-        loop.spawn(self._runner.run, job)
+        try:
+            self._runner.submit(job)
+        except Exception as exc:
+            # Not the message's fault: let the worker fail (and be restarted).
+            raise PoolNotRunning(f"celery_anyio could not take task {job.label}: {exc}") from exc
         return job
 
     def _runs_async(self, target: Any, args: tuple[Any, ...]) -> bool:
@@ -213,14 +201,20 @@ class Pool(BasePool):  # type: ignore[misc]
 
     def terminate_job(self, pid: int, signal: Any = None) -> None:
         """Cancel the job Celery knows by ``pid`` (our job id), never a process."""
-        job = self._runner.jobs.get(pid)
-        if job is None or self._loop is None:
-            return
-        job.terminated = True
-        job.stop_reason = "was terminated (revoke or cold shutdown)"
-        scope = job.scope
-        if scope is not None:
-            self._loop.call_soon(scope.cancel)
+        self._runner.terminate(pid)
+
+    def flush(self) -> None:
+        """The consumer lost its connection (or stops consuming): drop queued jobs.
+
+        Their messages can no longer be acked on that connection, and the broker
+        delivers them again; jobs already running finish, as under prefork.
+        """
+        dropped = self._runner.flush()
+        if dropped:
+            logger.info(
+                "celery_anyio: %d queued tasks not started: the broker delivers them again",
+                dropped,
+            )
 
     # -- stop -----------------------------------------------------------------
 
@@ -233,28 +227,31 @@ class Pool(BasePool):  # type: ignore[misc]
         if loop is None:
             return
         if worker_state.should_terminate is not None:
-            self._cancel_all(loop)
+            self._runner.cancel_all()
         else:
             loop.stop()
         # Short waits keep the main thread responsive to a second signal.
         while not loop.join(STOP_POLL_SECONDS):
             if worker_state.should_terminate is not None and not self._runner.discarding:
-                self._cancel_all(loop)
+                self._runner.cancel_all()
         WorkerLoop.clear()
         logger.info("celery_anyio: event loop lag (ms, last minute): %s", self._monitor.stats())
+        self._process_shutdown()
 
     def on_terminate(self) -> None:
         """Cold stop: cancel everything, report nothing, end the loop thread."""
         loop = self._loop
         if loop is None:
             return
-        self._cancel_all(loop)
+        self._runner.cancel_all()
         if not loop.join(TERMINATE_GRACE_SECONDS):
             logger.warning("celery_anyio: event loop did not stop in %ss", TERMINATE_GRACE_SECONDS)
+        self._process_shutdown()
 
-    def _cancel_all(self, loop: LoopThread) -> None:
-        self._runner.discarding = True
-        loop.cancel()
+    def _process_shutdown(self) -> None:
+        if not self._shutdown_sent:
+            self._shutdown_sent = True
+            signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 
     # -- remote control -------------------------------------------------------
 
@@ -266,8 +263,7 @@ class Pool(BasePool):  # type: ignore[misc]
 
     def _resize(self, limit: int) -> None:
         self.limit = limit
-        if self._loop is not None:
-            self._loop.call_soon(partial(setattr, self._runner.limiter, "total_tokens", limit))
+        self._runner.resize(limit, self.settings.threads_for(limit))
 
     @property
     def num_processes(self) -> int:
@@ -279,9 +275,7 @@ class Pool(BasePool):  # type: ignore[misc]
             {
                 "backend": self.backend,
                 "loop": self._loop_name,
-                "running": self._runner.running,
-                "queued": max(0, len(self._runner.jobs) - self._runner.running),
-                "threads": self.thread_limit,
+                **self._runner.stats(),
                 "result-threads": self._result_threads.threads if self._result_threads else 0,
                 "timeouts": [self.default_soft_timeout, self.default_timeout],
                 "processes": [os.getpid()],
@@ -289,10 +283,3 @@ class Pool(BasePool):  # type: ignore[misc]
             }
         )
         return info
-
-
-def resolve_backend(conf: Any) -> str:
-    """The backend from config (the CLI option writes it there), else asyncio."""
-    backend = conf.get(patches.BACKEND_SETTING) or DEFAULT_BACKEND
-    _backends.load(backend)  # raises a clear LookupError for unknown names
-    return str(backend)

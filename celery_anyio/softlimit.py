@@ -29,6 +29,7 @@ The driver does not interrupt a wait that must not be interrupted:
 
 from __future__ import annotations
 
+import contextvars
 import math
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -51,6 +52,7 @@ class _BodyDriver:
     def __init__(
         self,
         coro: Coroutine[Any, Any, Any],
+        context: contextvars.Context,
         deadline: float,
         fallback: CancelScope,
         backend: BackendModule,
@@ -58,6 +60,7 @@ class _BodyDriver:
         seconds: float,
     ) -> None:
         self._coro = coro
+        self._context = context
         self._deadline = deadline
         self._fallback = fallback
         self._backend = backend
@@ -66,16 +69,16 @@ class _BodyDriver:
         self.delivered = False
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self._coro
+        coro, run = self._coro, self._context.run
         send: Any = None
         pending: BaseException | None = None
         while True:
             try:
                 if pending is not None:
                     exc, pending = pending, None
-                    yielded = coro.throw(exc)
+                    yielded = run(coro.throw, exc)
                 else:
-                    yielded = coro.send(send)
+                    yielded = run(coro.send, send)
             except StopIteration as stop:
                 return stop.value
             scope = None if self.delivered else self._arm()
@@ -140,6 +143,7 @@ def _leaving_a_context(coro: Any) -> bool:
 
 async def await_with_soft_limit(
     body: Awaitable[T],
+    context: contextvars.Context,
     deadline: float,
     seconds: float,
     on_expired: Callable[[], None],
@@ -148,11 +152,12 @@ async def await_with_soft_limit(
     """Await ``body``; at ``deadline`` (loop clock) raise the soft limit in it.
 
     ``on_expired`` runs once when the soft limit fires (Celery logs it there).
+    Each step of the body runs in ``context`` (see :mod:`celery_anyio.bridge`).
     """
     if not isinstance(body, Coroutine):
         return await body
     with CancelScope() as fallback:
-        driver = _BodyDriver(body, deadline, fallback, backend, on_expired, seconds)
+        driver = _BodyDriver(body, context, deadline, fallback, backend, on_expired, seconds)
         return await driver  # type: ignore[no-any-return]
     # The fallback scope ended the body: the limit hit while it left a context.
     if not driver.delivered:

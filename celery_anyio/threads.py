@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import outcome
+
 
 class ThreadInterrupted(BaseException):
     """Raised in a sync task's thread whose outcome the pool already reported."""
@@ -40,17 +42,28 @@ class ThreadSlot:
         self.thread_name: str | None = None
         self.finished = False
 
-    def run(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run(
+        self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> outcome.Outcome[Any]:
+        """Call ``target`` and return its outcome: what it raises stays in the value.
+
+        Any ``BaseException`` (``GeneratorExit`` too) raised back into the job's
+        coroutine would end up in the root task group; as a value it cannot.
+        """
         with self._lock:
             self._ident = threading.get_ident()
             self.thread_name = threading.current_thread().name
         try:
-            return target(*args, **kwargs)
-        finally:
-            with self._lock:
-                self._ident = None
-                self.finished = True
-                _set_async_exc(threading.get_ident(), None)  # drop one not yet raised
+            try:
+                result: outcome.Outcome[Any] = outcome.capture(target, *args, **kwargs)
+                return result
+            finally:
+                with self._lock:
+                    self._ident = None
+                    self.finished = True
+                    _set_async_exc(threading.get_ident(), None)  # drop one not yet raised
+        except BaseException as exc:  # noqa: BLE001 - an interrupt that landed after the call
+            return outcome.Error(exc)
 
     def interrupt(self, exc_type: type[BaseException]) -> bool:
         """Raise ``exc_type`` in the job's thread; False if it is not running."""

@@ -17,9 +17,9 @@ import logging
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
 from types import FrameType
-from typing import Any
 
 import anyio
 
@@ -32,9 +32,12 @@ SAMPLES = 1200  # one minute of ticks
 class LoopMonitor:
     """Loop lag statistics and the blocked-loop warning."""
 
-    def __init__(self, block_warning: float, job_frame_code: Any) -> None:
+    def __init__(
+        self, block_warning: float, task_in_stack: Callable[[FrameType], str | None]
+    ) -> None:
+        """``task_in_stack(frame)`` names the task whose code runs in that stack."""
         self.block_warning = block_warning
-        self._job_frame_code = job_frame_code
+        self._task_in_stack = task_in_stack
         self._lags: deque[float] = deque(maxlen=SAMPLES)
         self.max_lag = 0.0
         self._last_tick = monotonic()
@@ -124,19 +127,7 @@ class LoopMonitor:
     def _describe(self, frame: FrameType) -> tuple[str | None, str]:
         """(``task[id]`` on the stack, if any; ``file:line in function``)."""
         where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-        task: str | None = None
-        walker: FrameType | None = frame
-        while walker is not None:
-            if walker.f_code is self._job_frame_code:
-                job = walker.f_locals.get("job")
-                task = getattr(job, "label", None)
-                break
-            if walker.f_code.co_name == "trace_task" and "uuid" in walker.f_locals:
-                celery_task = walker.f_locals.get("task")
-                task = f"{getattr(celery_task, 'name', '?')}[{walker.f_locals['uuid']}]"
-                break
-            walker = walker.f_back
-        return task, where
+        return self._task_in_stack(frame), where
 
 
 def _sole_task(culprits: list[tuple[str | None, str]]) -> str | None:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from kombu.utils.imports import symbol_by_name
 
-LIFESPAN_SETTING = "worker_anyio_lifespan"
+from .settings import LIFESPAN as LIFESPAN_SETTING
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,9 +62,8 @@ def resources() -> Any:
         ) from None
 
 
-def load(app: Any) -> Callable[[], AbstractAsyncContextManager[Any]] | None:
-    """The configured lifespan as a context-manager factory, or None."""
-    configured = app.conf.get(LIFESPAN_SETTING) if app is not None else None
+def load(configured: Any, app: Any) -> Callable[[], AbstractAsyncContextManager[Any]] | None:
+    """The configured lifespan (a callable or its import path) as a factory, or None."""
     if not configured:
         return None
     func = symbol_by_name(configured) if isinstance(configured, str) else configured  # type: ignore[no-untyped-call]

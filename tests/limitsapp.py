@@ -133,14 +133,30 @@ async def group_sleepers(key: str, seconds: float) -> str:
     return "slept"
 
 
-@app.task
-async def exits(kind: str) -> None:
-    await anyio.lowlevel.checkpoint()
+class OwnBaseException(BaseException):
+    """A ``BaseException`` of the task's own, neither an exit nor a cancellation."""
+
+
+def _raise_exit(kind: str) -> None:
     if kind == "SystemExit":
         raise SystemExit(3)
     if kind == "KeyboardInterrupt":
         raise KeyboardInterrupt
-    raise GeneratorExit
+    if kind == "GeneratorExit":
+        raise GeneratorExit
+    raise OwnBaseException("not an Exception")
+
+
+@app.task
+async def exits(kind: str) -> None:
+    await anyio.lowlevel.checkpoint()
+    _raise_exit(kind)
+
+
+@app.task
+def sync_raises(kind: str) -> None:
+    """The sync twin of :func:`exits`: the exception leaves the tracer in a thread."""
+    _raise_exit(kind)
 
 
 @app.task
@@ -215,3 +231,25 @@ async def soft_limited_by_option() -> str:
     except SoftTimeLimitExceeded:
         return "caught"
     return "slept"
+
+
+@app.task(acks_late=True)
+async def late_rejecting() -> None:
+    """An acks_late task whose ``Reject`` is a ``basic_reject`` of its message."""
+    await anyio.sleep(0.01)
+    raise Reject("not for me", requeue=False)
+
+
+@app.task
+def sync_rendezvous(key: str, count: int, timeout: float = 30) -> bool:
+    """Arrives, then waits for ``count`` arrivals: True only if they all ran at once."""
+    _tally(key, "arrived")
+    import redis
+
+    store = redis.Redis.from_url(app.conf.result_backend)
+    deadline = time.monotonic() + timeout
+    while int(store.hget(key, "arrived") or 0) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

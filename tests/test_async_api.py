@@ -103,6 +103,32 @@ def test_pool_grow_and_shrink_resize_the_limit_live(
     assert "running" in stats
 
 
+@pytest.mark.parametrize("explicit", [None, 4], ids=["following", "explicit"])
+def test_sync_task_threads_follow_pool_grow_unless_set(
+    namespace: Namespace, pool_backend: str, explicit: int | None
+) -> None:
+    queue = namespace.queue(f"grow-threads-{pool_backend}-{explicit}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "4"]
+    conf = {"worker_anyio_thread_limit": explicit} if explicit else None
+    with Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp") as worker:
+        client = namespace.client(queue)
+        try:
+            assert pool_stats(client, worker)["threads"] == 4
+            client.app.control.pool_grow(8, destination=node(client, worker), reply=True)
+            stats = pool_stats(client, worker)
+            assert stats["max-concurrency"] == 12
+            assert stats["threads"] == (explicit or 12)
+            if explicit is None:  # twelve sync tasks run at once, each waiting for all
+                k = f"celery-anyio-test:{queue}"
+                sig = client.app.signature("tests.limitsapp.sync_rendezvous", args=(k, 12))
+                results = [sig.clone().apply_async() for _ in range(12)]
+                assert [r.get(timeout=60) for r in results] == [True] * 12
+            client.app.control.pool_shrink(10, destination=node(client, worker), reply=True)
+            assert pool_stats(client, worker)["threads"] == (explicit or 2)
+        finally:
+            client.close()
+
+
 def test_shrunk_limit_bounds_running_tasks(namespace: Namespace, pool_backend: str) -> None:
     queue = namespace.queue(f"shrink-{pool_backend}")
     args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "4"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextvars
 import gc
 import weakref
+from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from greenlet import getcurrent
 
@@ -105,3 +107,60 @@ def test_await_outside_the_bridge_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="outside a celery_anyio bridge"):
         bridge.await_(coro)
     coro.close()
+
+
+seen_by_body: contextvars.ContextVar[str] = contextvars.ContextVar("seen_by_body", default="unset")
+
+
+async def _body(tag: str) -> str:
+    """Reads what the sync caller set, sets something the caller then reads."""
+    before = marker.get()
+    await anyio.sleep(0.01 * (hash(tag) % 3))
+    seen_by_body.set(f"body of {tag}")
+    async with anyio.create_task_group() as tg:  # child tasks inherit the body's context
+        children: list[str] = []
+
+        async def child() -> None:
+            await anyio.lowlevel.checkpoint()
+            children.append(marker.get())
+
+        tg.start_soon(child)
+    in_thread = await anyio.to_thread.run_sync(marker.get)
+    return f"{before}|{children[0]}|{in_thread}"
+
+
+def _tracer_like(tag: str) -> tuple[str, str]:
+    """As Celery's tracer: a prerun sets the context, the body runs, postrun reads."""
+    marker.set(f"prerun of {tag}")
+    body_saw = bridge.await_(_body(tag))
+    return body_saw, seen_by_body.get()
+
+
+async def test_the_awaited_body_runs_in_the_callers_context(anyio_backend: str) -> None:
+    results: dict[int, tuple[str, str]] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await bridge.run_bridged(_tracer_like, str(i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(one, i)
+    for i in range(200):
+        prerun = f"prerun of {i}"
+        assert results[i] == (f"{prerun}|{prerun}|{prerun}", f"body of {i}")
+    assert marker.get() == "unset"  # the loop task's own context is untouched
+    assert seen_by_body.get() == "unset"
+
+
+async def test_soft_limited_body_runs_in_the_callers_context(anyio_backend: str) -> None:
+    from celery_anyio import _backends
+    from celery_anyio.softlimit import await_with_soft_limit
+
+    backend = _backends.load(anyio_backend)
+
+    async def soft_limited(body: Any, context: contextvars.Context) -> Any:
+        deadline = anyio.current_time() + 30
+        return await await_with_soft_limit(body, context, deadline, 30, lambda: None, backend)
+
+    result = await bridge.run_bridged(_tracer_like, "soft", awaiter=soft_limited)
+    assert result == ("prerun of soft|prerun of soft|prerun of soft", "body of soft")

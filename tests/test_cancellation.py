@@ -152,12 +152,15 @@ def test_revoke_inside_a_group_is_revoked(limits: Client) -> None:
 # -- what a task must not be able to do ----------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+EXITS = ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "OwnBaseException"]
+
+
+@pytest.mark.parametrize("kind", EXITS)
 def test_exit_exceptions_fail_the_task_not_the_worker(limits: Client, kind: str) -> None:
     sibling = limits.app.signature("tests.workerapp.sleepy", args=(7, 0.5)).apply_async()
     time.sleep(0.1)
     result = send(limits, "exits", kind)
-    with pytest.raises(Exception, match=f"raised {kind}") as info:
+    with pytest.raises(Exception, match=rf"raised (\w+\.)*{kind}") as info:
         result.get(timeout=30)
     assert type(info.value).__name__ == "TaskExited"
     assert sibling.get(timeout=30) == 7
@@ -226,6 +229,21 @@ def test_sync_task_exit_fails_the_task_not_the_worker(limits: Client) -> None:
         result.get(timeout=30)
     assert type(info.value).__name__ == "TaskExited"
     assert limits.app.signature("tests.workerapp.add", args=(5, 5)).delay().get(timeout=30) == 10
+
+
+@pytest.mark.parametrize("kind", EXITS)
+def test_any_base_exception_of_a_sync_task_fails_it_not_the_worker(
+    limits: Client, kind: str
+) -> None:
+    # GeneratorExit raised back through a thread's future ended asyncio workers.
+    sibling = limits.app.signature("tests.workerapp.sleepy", args=(8, 0.3)).apply_async()
+    result = send(limits, "sync_raises", kind)
+    with pytest.raises(Exception, match=rf"raised (\w+\.)*{kind}") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "TaskExited"
+    assert sibling.get(timeout=30) == 8
+    later = [limits.app.signature("tests.workerapp.add", args=(i, i)).delay() for i in range(20)]
+    assert [r.get(timeout=30) for r in later] == [2 * i for i in range(20)]
 
 
 def test_soft_limit_as_a_task_option(limits: Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ def soft_limited(anyio_backend: str) -> Any:
     async def run(body: Any, seconds: float, expired: list[float]) -> Any:
         return await await_with_soft_limit(
             body,
+            contextvars.copy_context(),
             anyio.current_time() + seconds,
             seconds,
             lambda: expired.append(seconds),

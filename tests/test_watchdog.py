@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import monotonic
+from types import FrameType
 
 import anyio
 import pytest
@@ -19,7 +20,7 @@ OTHER = "tests.other[2]"
 
 
 def _verdict(caplog: pytest.LogCaptureFixture, culprits: Sequence[tuple[str | None, str]]) -> str:
-    monitor = LoopMonitor(0.1, None)
+    monitor = LoopMonitor(0.1, _task_in_stack)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="celery_anyio.watchdog"):
         monitor._report(0.6, list(culprits))
@@ -69,6 +70,15 @@ async def _run_job(job: _Job, seconds: float, monitor: LoopMonitor) -> int:
     return len(monitor._samples)
 
 
+def _task_in_stack(frame: FrameType | None) -> str | None:
+    """What jobs.describe_frame does for the pool's jobs, for :func:`_run_job`."""
+    while frame is not None:
+        if frame.f_code is _run_job.__code__:
+            return str(frame.f_locals["job"].label)
+        frame = frame.f_back
+    return None
+
+
 async def _tick_while_blocked(monitor: LoopMonitor, job: _Job, lag: float) -> int:
     """One tick of the monitor, late by about ``lag`` because ``job`` blocks."""
     sampled = 0
@@ -92,7 +102,7 @@ async def test_a_lag_too_short_to_report_leaves_no_samples_to_the_next(
     # Samples start at half the threshold (0.2 s) and come every 0.1 s: a lag of
     # 0.33 s is sampled, not reported. Its samples name another task, so left
     # over they would turn the next warning into a "several tasks" debug line.
-    monitor = LoopMonitor(0.4, _run_job.__code__)
+    monitor = LoopMonitor(0.4, _task_in_stack)
     monitor._loop_thread = threading.get_ident()
     watchdog = threading.Thread(target=monitor._watch, daemon=True)
     watchdog.start()
@@ -111,7 +121,7 @@ async def test_a_lag_too_short_to_report_leaves_no_samples_to_the_next(
 
 @pytest.mark.anyio
 async def test_a_failed_sample_does_not_end_the_watchdog() -> None:
-    monitor = LoopMonitor(0.4, _run_job.__code__)
+    monitor = LoopMonitor(0.4, _task_in_stack)
     monitor._loop_thread = threading.get_ident()
     attempts = 0
 

@@ -6,6 +6,7 @@ run uses its own Redis database and queue names.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from typing import Any
@@ -14,6 +15,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from celery import Celery, current_task, signals
+
+from . import ackwatch
 
 app = Celery(
     "workerapp",
@@ -31,6 +34,8 @@ if _extra:
     import json
 
     app.conf.update(json.loads(_extra))
+
+ackwatch.install(app)
 
 _marks: dict[str, list[str]] = {"prerun": [], "postrun": []}
 
@@ -303,3 +308,40 @@ class Kaput(Exception):
 async def kaput(message: str) -> None:
     await anyio.sleep(0.01)
     raise Kaput(message)
+
+
+# -- context from task_prerun into the body and back (tests/test_signal_context.py) --
+
+set_by_prerun: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "set_by_prerun", default=None
+)
+set_by_body: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "set_by_body", default=None
+)
+
+
+@signals.task_prerun.connect
+def _prerun_sets_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if task is not None and task.name.endswith(".context_probe"):
+        set_by_prerun.set(task_id)
+
+
+@signals.task_postrun.connect
+def _postrun_reads_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if task is not None and task.name.endswith(".context_probe"):
+        key = task.request.args[0]
+        _tally(key, "postrun saw the body" if set_by_body.get() == task_id else "postrun: wrong")
+
+
+@app.task(bind=True)
+async def context_probe(self: Any, key: str, seconds: float) -> str:
+    """Reports what ``task_prerun`` left in the context, across awaits and in a child."""
+    seen = [set_by_prerun.get()]
+    await anyio.sleep(seconds)
+    seen.append(set_by_prerun.get())
+    seen.append(await anyio.to_thread.run_sync(set_by_prerun.get))
+    set_by_body.set(self.request.id)
+    ok = all(value == self.request.id for value in seen)
+    _tally(key, "body saw prerun" if ok else f"body: wrong {seen}")
+    return "ok" if ok else "wrong"
+

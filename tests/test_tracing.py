@@ -1,0 +1,86 @@
+"""OpenTelemetry's own Celery instrumentation on this pool: one trace per task tree."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.propagate import inject
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from .harness import Client, Namespace, Worker
+
+pytestmark = pytest.mark.worker
+
+ROOTS = 200
+ROOT = "tests.otelapp.traced_root"
+LEAF = "tests.otelapp.traced_leaf"
+
+
+@pytest.fixture
+def traced(namespace: Namespace, pool_backend: str) -> Iterator[tuple[Client, Worker]]:
+    queue = namespace.queue(f"otel-{pool_backend}-{time.monotonic_ns()}")
+    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "500"]
+    with Worker(namespace, queue, args, app_module="tests.otelapp") as worker:
+        client = namespace.client(queue)
+        try:
+            yield client, worker
+        finally:
+            client.close()
+
+
+def _publish_roots(client: Client) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Each root task sent inside a producer span of this process, as a client app would."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer(__name__)
+    results, producers = [], []
+    for _ in range(ROOTS):
+        with tracer.start_as_current_span("client", kind=trace.SpanKind.PRODUCER) as span:
+            headers: dict[str, str] = {}
+            inject(headers)
+            sig = client.app.signature(ROOT, args=(random.random() / 10,))
+            results.append(sig.apply_async(headers=headers))
+            ids = span.get_span_context()
+            producers.append((f"{ids.trace_id:032x}", f"{ids.span_id:016x}"))
+    return results, producers
+
+
+def test_one_trace_per_task_tree(traced: tuple[Client, Worker]) -> None:
+    client, _ = traced
+    results, producers = _publish_roots(client)
+    bodies = [r.get(timeout=120) for r in results]
+    finished = client.app.signature("tests.otelapp.finished_spans")
+    deadline = time.monotonic() + 30
+    while True:  # a leaf's span ends in its task_postrun, just after its result
+        dumped = finished.delay().get(timeout=30)
+        by_trace: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for span in dumped["spans"]:
+            by_trace[span["trace"]].append(span)
+        if sum(len(spans) for spans in by_trace.values()) >= 4 * ROOTS:
+            break
+        assert time.monotonic() < deadline, f"{len(dumped['spans'])} spans"
+        time.sleep(0.2)
+    assert len(dumped["initialised_in"]) == 1  # worker_process_init, sent once
+    assert len(by_trace) == ROOTS  # nothing started a trace of its own
+    for (trace_id, producer), body in zip(producers, bodies, strict=True):
+        spans = {(s["kind"], s["name"]): s for s in by_trace[trace_id]}
+        assert len(spans) == 4, by_trace[trace_id]
+        run = spans["CONSUMER", f"run/{ROOT}"]
+        manual = spans["INTERNAL", "manual"]
+        publish = spans["PRODUCER", f"apply_async/{LEAF}"]
+        leaf = spans["CONSUMER", f"run/{LEAF}"]
+        assert run["parent"] == producer  # the client's span
+        assert body["body"] == {"trace": trace_id, "span": run["span"]}  # current in the body
+        assert body["manual"] == {"trace": trace_id, "span": manual["span"]}
+        assert manual["parent"] == run["span"]
+        assert publish["parent"] == manual["span"]  # published inside the manual span
+        assert leaf["parent"] == publish["span"]
