@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import patches
 from .errors import TaskExceptionGroup, TaskExited, WrongPoolError
+from .patches import install, install_aio
 from .worker_lifespan import NoLifespanError, lifespan, resources
 
 if TYPE_CHECKING:
@@ -21,19 +21,17 @@ __all__ = [
     "TaskExited",
     "WrongPoolError",
     "__version__",
+    "install",
+    "install_aio",
     "lifespan",
     "resources",
 ]
 __version__ = "0.1.0"
 
-patches.install_app_hooks()
-patches.install_aio_methods()
-patches.install_async_receivers()
-
 
 def __getattr__(name: str) -> Any:
-    # Keep `import celery_anyio` light: the CLI plugin imports it for every
-    # `celery` command.
+    # Keep `import celery_anyio` light and free of side effects: the CLI plugin
+    # imports it for every `celery` command.
     if name == "Pool":
         from .pool import Pool
 

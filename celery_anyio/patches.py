@@ -1,7 +1,24 @@
-"""Every change celery_anyio makes to Celery's own objects, each switchable.
+"""Every change celery_anyio makes to Celery's own objects: when, and each switchable.
 
-Set ``CELERY_ANYIO_DISABLE_PATCHES`` to a comma-separated list of patch names
-to switch patches off (``all`` switches off every one):
+Only the ``cli`` patch is applied when the package is imported (by the
+``celery`` command's plugin entry point, so that ``celery worker`` accepts
+``-P celery_anyio:Pool --backend``).  The rest is applied:
+
+* when this pool starts, in its worker: :func:`install_worker`;
+* by the pytest fixture, which starts such a worker;
+* where you ask for it, in any other process (a web app, a script, tests):
+  :func:`install` (eager mode and ``async def`` signal receivers for async
+  tasks) and :func:`install_aio` (the async client methods).
+
+Celery's other pools, and apps that never use this pool, run unchanged, except
+for one thing: a worker started with the stock ``celery`` command wraps its
+``async def`` tasks at ``worker_init`` (sync tasks are untouched), so that under
+prefork, threads or solo they fail with ``WrongPoolError`` instead of
+"succeeding" without running.
+
+Set ``CELERY_ANYIO_DISABLE_PATCHES`` to a comma-separated list of these names
+to switch patches off (``all`` switches off every one); an unknown name stops
+the pool from starting:
 
 ``stacks``
     Key ``task.request_stack`` and ``celery._state._task_stack`` by the running
@@ -46,13 +63,64 @@ from . import settings
 from .context import make_ident_func
 
 PATCHES = ("stacks", "tasks", "cli", "aio", "events", "messages", "signals")
+DISABLE_ENV = "CELERY_ANYIO_DISABLE_PATCHES"
+
+
+def disabled() -> frozenset[str]:
+    """The patch names switched off in ``CELERY_ANYIO_DISABLE_PATCHES``."""
+    names = frozenset(
+        part.strip() for part in os.environ.get(DISABLE_ENV, "").split(",") if part.strip()
+    )
+    return frozenset(PATCHES) if "all" in names else names
+
+
+def check_disabled() -> None:
+    """Refuse a name in ``CELERY_ANYIO_DISABLE_PATCHES`` that names no patch."""
+    raw = {part.strip() for part in os.environ.get(DISABLE_ENV, "").split(",") if part.strip()}
+    unknown = sorted(raw - {*PATCHES, "all"})
+    if unknown:
+        raise settings.SettingError(
+            f"{DISABLE_ENV}: unknown patch name(s) {', '.join(map(repr, unknown))}: "
+            f"choose from {', '.join(PATCHES)} or all"
+        )
 
 
 def enabled(name: str) -> bool:
-    disabled = {
-        part.strip() for part in os.environ.get("CELERY_ANYIO_DISABLE_PATCHES", "").split(",")
-    }
-    return name not in disabled and "all" not in disabled
+    if name not in PATCHES:
+        raise ValueError(f"no patch is named {name!r}")
+    return name not in disabled()
+
+
+# -- when ----------------------------------------------------------------------
+
+
+def install(app: Any = None) -> None:
+    """What a process needs to run async tasks outside this pool's worker.
+
+    Eager mode (``task.apply()``, ``task_always_eager``) runs async bodies to
+    completion, for every app (and ``app``'s tasks at once); ``async def``
+    receivers of Celery's signals are awaited.  Idempotent.
+    """
+    check_disabled()
+    install_app_hooks()
+    install_async_receivers()
+    if app is not None:
+        _prepare_for_eager(app)
+
+
+def install_aio() -> None:
+    """Give Celery's classes the async client methods (``await task.adelay()``, ...)."""
+    check_disabled()
+    install_aio_methods()
+
+
+def install_worker(app: Any) -> None:
+    """Everything this pool needs, in the worker that runs it (at its start)."""
+    install(app)
+    install_aio_methods()
+    patch_request_stacks(app)
+    lock_event_dispatcher()  # before the consumer creates its dispatcher
+    guard_task_messages()  # before the consumer's loop builds its handler
 
 
 # -- stacks ------------------------------------------------------------------
@@ -91,7 +159,6 @@ def wrap_async_tasks(app: Any, only_new: bool = False) -> list[str]:
 
     if not enabled("tasks"):
         return []
-    patch_request_stacks(app)
     names = []
     for name, task in app.tasks.items():
         if is_async_task(task) and (wrap_run(task) or not only_new):
@@ -105,7 +172,7 @@ def install_app_hooks() -> None:
         return
     for app in list(_state._get_active_apps()):
         if app.finalized:
-            wrap_async_tasks(app)
+            _prepare_for_eager(app)
         else:
             _wrap_after_finalize(app)
     # Called inside app.finalize(), before pending tasks are evaluated.
@@ -124,7 +191,9 @@ def _wrap_before_eager_apply() -> None:
         return
 
     def apply(self: Any, *args: Any, **kwargs: Any) -> Any:
-        wrap_run(self)
+        if wrap_run(self) and enabled("stacks"):
+            _patch_stack(_state._task_stack)
+            _patch_stack(self.request_stack)
         return stock(self, *args, **kwargs)
 
     apply._celery_anyio_patched = True  # type: ignore[attr-defined]
@@ -136,7 +205,14 @@ def _wrap_after_finalize(app: Any) -> None:
 
 
 def _on_after_finalize(sender: Any, **_: Any) -> None:
-    wrap_async_tasks(sender)
+    _prepare_for_eager(sender)
+
+
+def _prepare_for_eager(app: Any) -> None:
+    """Async tasks wrapped, and request stacks that a helper thread's loop can share
+    (eager calls from inside a running loop run there, as the caller's job)."""
+    if wrap_async_tasks(app):
+        patch_request_stacks(app)
 
 
 # -- cli ---------------------------------------------------------------------

@@ -86,12 +86,8 @@ class Pool(BasePool):  # type: ignore[misc]
     # -- start ----------------------------------------------------------------
 
     def on_start(self) -> None:
-        if self.app is not None:
-            # Before Consumer.update_strategies builds the tracers.
-            patches.wrap_async_tasks(self.app)
-            patches.patch_request_stacks(self.app)
-        patches.lock_event_dispatcher()  # before the consumer creates its dispatcher
-        patches.guard_task_messages()  # before the consumer's loop builds its handler
+        # Before Consumer.update_strategies builds the tracers.
+        patches.install_worker(self.app)
         # This process runs the tasks: what prefork's children announce, it does.
         signals.worker_process_init.send(sender=None)
         self._loop = LoopThread(
@@ -193,6 +189,7 @@ class Pool(BasePool):  # type: ignore[misc]
         """
         if name not in patches.wrap_async_tasks(self.app, only_new=True):
             return
+        patches.patch_request_stacks(self.app)
         if getattr(task, "__trace__", None) is not None:
             hostname = (self.options.get("initargs") or (None, None))[1]
             task.__trace__ = celery_trace.build_tracer(

@@ -26,11 +26,13 @@ from celery import Celery, chain, chord, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult, ResultSet
 
-import celery_anyio  # noqa: F401 - installs the aio methods, as the worker does
+import celery_anyio
 from celery_anyio import aio, patches
 
 from . import workerapp
 from .harness import ROOT, Client, Namespace, Worker
+
+celery_anyio.install_aio()  # the async client methods, as a client app would
 
 EXAMPLES = ROOT / "docs" / "examples"
 worker_test = pytest.mark.worker
@@ -459,6 +461,7 @@ def test_aio_patch_is_switchable(disabled: str) -> None:
     ]
     code = (
         "import importlib, celery_anyio\n"
+        "celery_anyio.install_aio()\n"
         f"for name in {names!r}:\n"
         "    module, attr = name.split(':')\n"
         "    cls, method = attr.split('.')\n"

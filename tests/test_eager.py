@@ -10,7 +10,9 @@ import anyio.lowlevel
 import pytest
 from celery import Celery
 
-import celery_anyio  # noqa: F401 - installs the app hooks, as the pytest plugin would
+import celery_anyio
+
+celery_anyio.install()  # eager mode for async tasks, as an app outside the worker would
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -11,7 +11,9 @@ import anyio.lowlevel
 import pytest
 from celery.utils.dispatch import Signal
 
-import celery_anyio  # noqa: F401 - installs the signals patch
+import celery_anyio
+
+celery_anyio.install()  # async receivers outside a worker, as a client app would
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ import os
 import anyio
 from celery import Celery
 
-import celery_anyio  # noqa: F401 - adds adelay/aapply_async/asend_task/aget to Celery
+import celery_anyio
+
+celery_anyio.install_aio()  # adelay/aapply_async/asend_task/aget on Celery's classes
 
 REDIS = "redis://127.0.0.1:6379/0"
 app = Celery(
