@@ -36,7 +36,12 @@ print("ok")
 def test_import_patches_only_the_worker_command() -> None:
     env = {k: v for k, v in os.environ.items() if k != patches.DISABLE_ENV}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.stdout.strip() == "ok", done.stderr
 
