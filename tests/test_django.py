@@ -133,7 +133,9 @@ def test_results_on_the_loop_with_django_db_are_refused(
     namespace: Namespace, database: str, pool_backend: str
 ) -> None:
     app_name = f"refused-{pool_backend}-{time.monotonic_ns()}"
-    worker = _worker(namespace, database, pool_backend, app_name, {"worker_anyio_result_threads": 0})
+    worker = _worker(
+        namespace, database, pool_backend, app_name, {"worker_anyio_result_threads": 0}
+    )
     with pytest.raises(RuntimeError, match="worker exited"):
         worker.start()
     assert "worker_anyio_result_threads = 0 stores async tasks' results" in worker.log()

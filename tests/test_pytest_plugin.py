@@ -152,7 +152,7 @@ def test_unknown_backend_is_a_clear_setup_error(suite: pytest.Pytester) -> None:
         "*WorkerStartError: the celery_anyio worker for app 'example' on 'curio' "
         "(broker memory:///) did not start: "
         "SettingError(\"worker_anyio_backend: unknown AnyIO backend 'curio': "
-        "choose one of asyncio, trio\")"
+        'choose one of asyncio, trio")'
     )
     result.stdout.fnmatch_lines([error])
 

@@ -344,4 +344,3 @@ async def context_probe(self: Any, key: str, seconds: float) -> str:
     ok = all(value == self.request.id for value in seen)
     _tally(key, "body saw prerun" if ok else f"body: wrong {seen}")
     return "ok" if ok else "wrong"
-
