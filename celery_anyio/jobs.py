@@ -125,14 +125,17 @@ class JobRunner:
         backend: BackendModule,
         *,
         after_report: Callable[[], None] = lambda: None,
+        on_released: Callable[[Job], None] | None = None,
         wrap_body: Callable[[Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]] | None = None,
     ) -> None:
-        """``after_report`` runs after each job's outcome is reported; ``wrap_body``
-        wraps each async body before it is awaited (Django's per-task thread)."""
+        """``after_report`` runs after each job's outcome is reported, ``on_released``
+        when a job has given its slot back (however it ended, even unstarted);
+        ``wrap_body`` wraps each async body before it is awaited (Django)."""
         self.limiter = CapacityLimiter(concurrency)
         self.thread_limiter = CapacityLimiter(thread_limit)
         self.backend = backend
         self._after_report = after_report
+        self._on_released = on_released
         self._wrap_body = wrap_body
         self._jobs: dict[int, Job] = {}
         self._running = 0
@@ -170,20 +173,20 @@ class JobRunner:
             self._loop.call_soon(scope.cancel)
         return True
 
-    def flush(self) -> int:
-        """Drop every job that has not started; return how many.
+    def flush(self) -> list[int]:
+        """Drop every job that has not started; return their ids.
 
         Celery calls this when the consumer's connection is gone (and when it
         stops consuming): those messages can no longer be acked, and the broker
         delivers them again, so running them would only run them twice.
         """
-        dropped = 0
+        dropped = []
         with self._start_lock:
             for job in list(self._jobs.values()):
                 if not job.started and not job.dropped:
                     job.dropped = True
                     self._jobs.pop(job.id, None)
-                    dropped += 1
+                    dropped.append(job.id)
         return dropped
 
     def cancel_all(self) -> None:
@@ -250,6 +253,8 @@ class JobRunner:
         finally:
             self.limiter.release_on_behalf_of(job)
             self._jobs.pop(job.id, None)
+            if self._on_released is not None:
+                self._on_released(job)
 
     def _start(self, job: Job) -> bool:
         with self._start_lock:

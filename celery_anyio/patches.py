@@ -248,6 +248,16 @@ def patch_worker_cli(backends: Iterable[str]) -> None:
         if value is not None:
             ctx.obj.app.conf[settings.BACKEND] = value
 
+    def store_processes(ctx: Any, param: Any, value: str | None) -> None:
+        if value is not None:
+            try:
+                settings.processes_of(value)
+            except settings.SettingError:
+                raise click.BadParameter(
+                    f"{value!r} is not a number of processes or 'auto'"
+                ) from None
+            ctx.obj.app.conf[settings.PROCESSES] = value
+
     worker_cli.worker.params.append(
         CeleryOption(
             ["--backend", "--anyio-backend"],
@@ -259,6 +269,21 @@ def patch_worker_cli(backends: Iterable[str]) -> None:
             help=(
                 "Event loop for -P celery_anyio:Pool (default: the "
                 f"{settings.BACKEND} setting, else asyncio)."
+            ),
+        )
+    )
+    worker_cli.worker.params.append(
+        CeleryOption(
+            ["--processes", "--anyio-processes"],
+            default=None,
+            expose_value=False,
+            callback=store_processes,
+            help_group="Pool Options",
+            help=(
+                "Task processes of -P celery_anyio:Pool, each with its own event loop "
+                "(a number, or auto for the machine's cores; default: the "
+                f"{settings.PROCESSES} setting, else 1: the tasks run in the worker "
+                "process). -c is the total over all of them."
             ),
         )
     )

@@ -18,29 +18,29 @@ from celery.app import trace as celery_trace
 from celery.concurrency.base import BasePool
 from celery.worker import state as worker_state
 
-from . import _backends, patches, worker_lifespan
+from . import patches
 from .consumer_thread import ConsumerThread
-from .django_tasks import DjangoTasks
-from .jobs import Job, JobRunner, describe_frame
-from .loop import LoopThread
+from .jobs import Job
 from .messages import PoolNotRunning
-from .offload import BlockingCallThreads, offload_app_backends
-from .receivers import WorkerLoop
+from .processes import ProcessGroup
+from .runtime import TaskRuntime
 from .settings import PoolSettings
 from .tasks import is_async_task
-from .watchdog import LoopMonitor
 
 logger = logging.getLogger(__name__)
 
-STOP_POLL_SECONDS = 0.5
 TERMINATE_GRACE_SECONDS = 10.0
 
 
 class Pool(BasePool):  # type: ignore[misc]
-    """Runs ``async def`` tasks concurrently on one AnyIO event loop."""
+    """Runs ``async def`` tasks concurrently on AnyIO event loops.
+
+    One loop in the worker process (``--processes 1``, the default), or one in
+    each of N task processes (:mod:`celery_anyio.processes`).
+    """
 
     is_green = False  # keep the normal pidbox; we have no spawn_n
-    uses_semaphore = False  # the loop's CapacityLimiter queues jobs
+    uses_semaphore = False  # the pool queues jobs itself
     task_join_will_block = True  # a blocking result.get() would freeze the loop
     signal_safe = False
     body_can_be_buffer = True
@@ -52,78 +52,68 @@ class Pool(BasePool):  # type: ignore[misc]
         self.limit: int = int(self.limit or 1)
         self.default_soft_timeout = self.options.get("soft_timeout")
         self.default_timeout = self.options.get("timeout")
+        self.hostname: str | None = (self.options.get("initargs") or (None, None))[1]
         self._consumer = ConsumerThread()
-        self._django = DjangoTasks.of(self.app)
-        if self._django is not None:
-            self._django.check(self.app, self.backend, self.settings.result_threads)
-        self._runner = JobRunner(
-            self.limit,
-            self.settings.threads_for(self.limit),
-            _backends.load(self.backend),
-            after_report=self._consumer.wake,
-            wrap_body=(
-                self._django.wrap_body
-                if self._django is not None and self.backend == "asyncio"
-                else None
-            ),
-        )
-        self._monitor = LoopMonitor(self.settings.block_warning, describe_frame)
-        self._result_threads = (
-            BlockingCallThreads(
-                self.settings.result_threads,
-                self._runner.backend,
-                "celery-anyio-results",
-                after_call=self._django.after_blocking_call if self._django else None,
+        self._runtime: TaskRuntime | None = None
+        self._group: ProcessGroup | None = None
+        if self.settings.processes > 1:
+            self._group = ProcessGroup(
+                self.app,
+                self.settings,
+                self.settings.processes,
+                self.limit,
+                self.hostname,
+                max_tasks_per_child=self.options.get("maxtasksperchild"),
+                max_memory_per_child=self.options.get("max_memory_per_child"),
             )
-            if self.settings.result_threads > 0
-            else None
-        )
-        self._loop: LoopThread | None = None
-        self._loop_name: str | None = None
+        else:
+            self._runtime = TaskRuntime(
+                self.app, self.settings, self.limit, after_report=self._consumer.wake
+            )
         self._async_tasks: dict[str, bool] = {}
         self._shutdown_sent = False
 
     # -- start ----------------------------------------------------------------
 
     def on_start(self) -> None:
-        # Before Consumer.update_strategies builds the tracers.
+        # Before Consumer.update_strategies builds the tracers, and before any fork.
         patches.install_worker(self.app)
+        if self._group is not None:
+            self._group.start(revoked=_revoked_while_queued)
+            logger.info(
+                "celery_anyio: %d task processes on %s, concurrency %d in all",
+                self.settings.processes,
+                self.backend,
+                self.limit,
+            )
+            return
+        assert self._runtime is not None
         # This process runs the tasks: what prefork's children announce, it does.
-        signals.worker_process_init.send(sender=None)
-        self._loop = LoopThread(
-            self.backend,
-            dict(self.settings.backend_options),
-            on_loop_start=self._on_loop_start,
-            services=[
-                self._monitor.run,
-                *([self._result_threads.serve] if self._result_threads else []),
-            ],
-            admit=self._runner.admit,
-            lifespan=worker_lifespan.load(self.settings.lifespan, self.app),
-        )
-        self._runner.attach(self._loop)
-        self._loop.start()
+        signals.worker_process_init.send(sender=self.hostname)
+        self._runtime.start()
+        for ignored in ("maxtasksperchild", "max_memory_per_child"):
+            if self.options.get(ignored):
+                logger.warning(
+                    "celery_anyio: --max-%s needs --processes 2 or more: ignored",
+                    "tasks-per-child" if ignored == "maxtasksperchild" else "memory-per-child",
+                )
         logger.info(
             "celery_anyio: %s event loop running, concurrency %d, %d threads for sync tasks",
             self.backend,
             self.limit,
-            self._runner.stats()["threads"],
+            self._runtime.runner.stats()["threads"],
         )
 
-    def _on_loop_start(self) -> None:
-        if self.app is not None:
-            self.app.set_current()
-            if self._result_threads is not None:
-                offload_app_backends(self.app, self._result_threads)
-        WorkerLoop.set(self.backend)
-        self._loop_name = self._runner.backend.loop_name()
-
     def did_start_ok(self) -> bool:
-        return self._loop is not None and self._loop.running
+        if self._group is not None:
+            return self._group.ready
+        return self._runtime is not None and self._runtime.running
 
     def register_with_event_loop(self, hub: Any) -> None:
         """The consumer's hub: acks and rejects of our jobs run there."""
         self._consumer.register(hub)
+        if self._group is not None:
+            self._group.register(hub)
 
     # -- work -----------------------------------------------------------------
 
@@ -143,7 +133,7 @@ class Pool(BasePool):  # type: ignore[misc]
     ) -> Job:
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        if target is celery_trace.trace_task_ret and self.app is not None:
+        if target is celery_trace.trace_task_ret and self._runtime is not None:
             kwargs.setdefault("app", self.app)
         # Celery passes the Request's bound methods as callbacks, never the Request.
         request = getattr(accept_callback, "__self__", None)
@@ -163,7 +153,11 @@ class Pool(BasePool):  # type: ignore[misc]
             correlation_id=correlation_id,
         )
         try:
-            self._runner.submit(job)
+            if self._group is not None:
+                self._group.submit(job)
+            else:
+                assert self._runtime is not None
+                self._runtime.runner.submit(job)
         except Exception as exc:
             # Not the message's fault: let the worker fail (and be restarted).
             raise PoolNotRunning(f"celery_anyio could not take task {job.label}: {exc}") from exc
@@ -177,7 +171,7 @@ class Pool(BasePool):  # type: ignore[misc]
         if known is None and self.app is not None:
             task = self.app.tasks.get(name)
             known = self._async_tasks[name] = task is not None and is_async_task(task)
-            if known:
+            if known and self._runtime is not None:
                 self._wrap_late_task(name, task)
         return bool(known)
 
@@ -191,14 +185,16 @@ class Pool(BasePool):  # type: ignore[misc]
             return
         patches.patch_request_stacks(self.app)
         if getattr(task, "__trace__", None) is not None:
-            hostname = (self.options.get("initargs") or (None, None))[1]
             task.__trace__ = celery_trace.build_tracer(
-                name, task, self.app.loader, hostname, app=self.app
+                name, task, self.app.loader, self.hostname, app=self.app
             )
 
     def terminate_job(self, pid: int, signal: Any = None) -> None:
         """Cancel the job Celery knows by ``pid`` (our job id), never a process."""
-        self._runner.terminate(pid)
+        if self._group is not None:
+            self._group.terminate(pid)
+        elif self._runtime is not None:
+            self._runtime.runner.terminate(pid)
 
     def flush(self) -> None:
         """The consumer lost its connection (or stops consuming): drop queued jobs.
@@ -206,7 +202,11 @@ class Pool(BasePool):  # type: ignore[misc]
         Their messages can no longer be acked on that connection, and the broker
         delivers them again; jobs already running finish, as under prefork.
         """
-        dropped = self._runner.flush()
+        if self._group is not None:
+            dropped = self._group.flush()
+        else:
+            assert self._runtime is not None
+            dropped = len(self._runtime.runner.flush())
         if dropped:
             logger.info(
                 "celery_anyio: %d queued tasks not started: the broker delivers them again",
@@ -219,36 +219,30 @@ class Pool(BasePool):  # type: ignore[misc]
         """Celery stops feeding us first; nothing to do until stop."""
 
     def on_stop(self) -> None:
-        """Warm stop: wait for every job handed to us (cold: cancel them)."""
-        loop = self._loop
-        if loop is None:
+        """Warm stop: wait for every job handed over (cold, once asked: cancel them)."""
+        if self._group is not None:
+            self._group.stop(cold=_cold_requested)
             return
-        if worker_state.should_terminate is not None:
-            self._runner.cancel_all()
-        else:
-            loop.stop()
-        # Short waits keep the main thread responsive to a second signal.
-        while not loop.join(STOP_POLL_SECONDS):
-            if worker_state.should_terminate is not None and not self._runner.discarding:
-                self._runner.cancel_all()
-        WorkerLoop.clear()
-        logger.info("celery_anyio: event loop lag (ms, last minute): %s", self._monitor.stats())
-        self._process_shutdown()
+        if self._runtime is not None:
+            self._runtime.stop(cold=_cold_requested)
+            self._process_shutdown()
 
     def on_terminate(self) -> None:
-        """Cold stop: cancel everything, report nothing, end the loop thread."""
-        loop = self._loop
-        if loop is None:
+        """Cold stop: cancel everything, report nothing."""
+        if self._group is not None:
+            self._group.cancel(TERMINATE_GRACE_SECONDS)
             return
-        self._runner.cancel_all()
-        if not loop.join(TERMINATE_GRACE_SECONDS):
-            logger.warning("celery_anyio: event loop did not stop in %ss", TERMINATE_GRACE_SECONDS)
-        self._process_shutdown()
+        if self._runtime is not None:
+            if not self._runtime.cancel(TERMINATE_GRACE_SECONDS):
+                logger.warning(
+                    "celery_anyio: event loop did not stop in %ss", TERMINATE_GRACE_SECONDS
+                )
+            self._process_shutdown()
 
     def _process_shutdown(self) -> None:
         if not self._shutdown_sent:
             self._shutdown_sent = True
-            signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+            signals.worker_process_shutdown.send(sender=self.hostname, pid=os.getpid(), exitcode=0)
 
     # -- remote control -------------------------------------------------------
 
@@ -260,23 +254,38 @@ class Pool(BasePool):  # type: ignore[misc]
 
     def _resize(self, limit: int) -> None:
         self.limit = limit
-        self._runner.resize(limit, self.settings.threads_for(limit))
+        if self._group is not None:
+            self._group.resize(limit)
+        elif self._runtime is not None:
+            self._runtime.runner.resize(limit, self.settings.threads_for(limit))
 
     @property
     def num_processes(self) -> int:
+        """What Celery sizes the prefetch by: the tasks running at once, in all."""
         return self.limit
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
-        info.update(
-            {
-                "backend": self.backend,
-                "loop": self._loop_name,
-                **self._runner.stats(),
-                "result-threads": self._result_threads.threads if self._result_threads else 0,
-                "timeouts": [self.default_soft_timeout, self.default_timeout],
-                "processes": [os.getpid()],
-                "loop-lag-ms": self._monitor.stats(),
-            }
-        )
+        info["timeouts"] = [self.default_soft_timeout, self.default_timeout]
+        if self._group is not None:
+            info.update(self._group.info())
+        elif self._runtime is not None:
+            info.update(self._runtime.info())
+            info["processes"] = [os.getpid()]
         return info
+
+
+def _cold_requested() -> bool:
+    return worker_state.should_terminate is not None
+
+
+def _revoked_while_queued(job: Job) -> bool:
+    """A revoke (or expiry) that came while the job waited in the main process."""
+    request = job.request
+    if request is None or not (
+        job.correlation_id in worker_state.revoked
+        or getattr(request, "expires", None)
+        or getattr(request, "stamped_headers", None)
+    ):
+        return False
+    return bool(request.revoked())

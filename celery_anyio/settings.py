@@ -6,6 +6,7 @@ wrong type or an unknown backend is an error at start, naming the setting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -18,6 +19,7 @@ THREAD_LIMIT = "worker_anyio_thread_limit"
 BLOCK_WARNING = "worker_anyio_block_warning"
 RESULT_THREADS = "worker_anyio_result_threads"
 LIFESPAN = "worker_anyio_lifespan"
+PROCESSES = "worker_anyio_processes"
 
 DEFAULT_BACKEND = "asyncio"
 # Sync tasks' threads follow -c up to this many: more threads than that only
@@ -43,6 +45,8 @@ class PoolSettings:
     block_warning: float = DEFAULT_BLOCK_WARNING
     result_threads: int = DEFAULT_RESULT_THREADS
     lifespan: Any = None
+    #: Task processes; 1 runs the tasks in the worker process itself.
+    processes: int = 1
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None) -> PoolSettings:
@@ -54,6 +58,7 @@ class PoolSettings:
             block_warning=_seconds(conf, BLOCK_WARNING, DEFAULT_BLOCK_WARNING),
             result_threads=_count(conf, RESULT_THREADS, minimum=0, default=DEFAULT_RESULT_THREADS),
             lifespan=conf.get(LIFESPAN) or None,
+            processes=processes_of(conf.get(PROCESSES)),
         )
 
     def threads_for(self, concurrency: int) -> int:
@@ -71,6 +76,17 @@ def backend_of(conf: Mapping[str, Any]) -> str:
             f"{BACKEND}: unknown AnyIO backend {backend!r}: choose one of {', '.join(BACKENDS)}"
         )
     return str(backend)
+
+
+def processes_of(value: Any) -> int:
+    """``worker_anyio_processes``: a number, or ``auto`` for the machine's cores."""
+    if value is None or value == "":
+        return 1
+    if value == "auto":
+        return os.cpu_count() or 1
+    count = _count({PROCESSES: value}, PROCESSES, minimum=1)
+    assert count is not None
+    return count
 
 
 def _mapping(conf: Mapping[str, Any], name: str) -> Mapping[str, Any]:

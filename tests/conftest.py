@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import BROKERS, Client, Namespace, Worker, broker_available
+from .harness import BROKERS, Client, Namespace, PoolBackend, Worker, broker_available, pool_args
 
 POOL_BACKENDS = ("asyncio", "trio")
+PROCESSES = ("1", "2")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,6 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         choices=POOL_BACKENDS,
         help="run worker tests on this AnyIO backend only (repeatable; default: all)",
+    )
+    parser.addoption(
+        "--processes",
+        action="append",
+        help="run worker tests with this --processes only (repeatable; default: 1 and 2)",
     )
 
 
@@ -47,7 +53,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("broker", brokers, scope="session")
     if "pool_backend" in metafunc.fixturenames:
         backends = _selected(config, "--pool-backend", "CELERY_ANYIO_BACKENDS", POOL_BACKENDS)
-        metafunc.parametrize("pool_backend", backends, scope="session")
+        counts = _selected(config, "--processes", "CELERY_ANYIO_PROCESSES", PROCESSES)
+        if metafunc.definition.get_closest_marker("single_process"):
+            counts = [c for c in counts if c == "1"] or ["1"]
+        variants = [PoolBackend(b, int(n)) for n in counts for b in backends]
+        metafunc.parametrize(
+            "pool_backend", variants, ids=[v.tag for v in variants], scope="session"
+        )
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -68,12 +80,10 @@ def namespace(broker: str, run_id: str) -> Namespace:
 
 
 @pytest.fixture(scope="session")
-def worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+def worker(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[Worker]:
     """A shared worker per broker and backend, at -c 200."""
-    queue = namespace.queue(f"shared-{pool_backend}")
-    with Worker(
-        namespace, queue, ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "200"]
-    ) as w:
+    queue = namespace.queue(f"shared-{pool_backend.tag}")
+    with Worker(namespace, queue, [*pool_args(pool_backend), "-c", "200"]) as w:
         yield w
 
 
@@ -85,9 +95,9 @@ def client(namespace: Namespace, worker: Worker) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="session")
-def limits_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
-    queue = namespace.queue(f"limits-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
+def limits_worker(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[Worker]:
+    queue = namespace.queue(f"limits-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "-c", "50"]
     with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
         yield worker
 

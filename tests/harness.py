@@ -32,6 +32,42 @@ BROKERS = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}
 RESULTS_DB_RANGE = range(1, 16)
 
 
+class PoolBackend(str):
+    """An AnyIO backend name (what ``str()`` gives) that carries ``--processes`` too.
+
+    The worker tests run once per backend and per process count: ``tag`` names
+    the combination, for queue names and test ids.
+    """
+
+    processes: int
+
+    def __new__(cls, backend: str, processes: int = 1) -> Self:
+        value = super().__new__(cls, backend)
+        value.processes = processes
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        # pytest reuses a session fixture whose parameter compares equal: keep the
+        # variants apart; against a plain string, compare the backend name only.
+        if isinstance(other, PoolBackend):
+            return str.__eq__(self, other) and self.processes == other.processes
+        return str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return hash((str(self), self.processes))
+
+    @property
+    def tag(self) -> str:
+        name = str.__str__(self)
+        return name if self.processes == 1 else f"{name}-p{self.processes}"
+
+
+def pool_args(backend: str) -> list[str]:
+    """``-P celery_anyio:Pool --backend=... --processes N`` for ``backend``."""
+    processes = getattr(backend, "processes", 1)
+    return ["-P", "celery_anyio:Pool", f"--backend={backend}", "--processes", str(processes)]
+
+
 def broker_available(broker: str) -> bool:
     url = urlparse(BROKERS[broker])
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from .harness import Client, Namespace, Worker, wait_for_log
+from .harness import Client, Namespace, PoolBackend, Worker, pool_args, wait_for_log
 
 pytestmark = pytest.mark.worker
 
@@ -16,9 +17,9 @@ EXAMPLE = "docs.examples.worker_resources"
 
 
 @pytest.fixture(scope="session")
-def resources_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
-    queue = namespace.queue(f"resources-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "100"]
+def resources_worker(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[Worker]:
+    queue = namespace.queue(f"resources-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "-c", "100"]
     with Worker(namespace, queue, args, app_module=EXAMPLE) as worker:
         yield worker
 
@@ -40,24 +41,29 @@ def node(client: Client, worker: Worker) -> list[str]:
 
 
 def test_lifespan_resources_are_shared_by_every_task(
-    resources_client: Client, resources_worker: Worker
+    resources_client: Client, resources_worker: Worker, pool_backend: PoolBackend
 ) -> None:
     sig = resources_client.app.signature(f"{EXAMPLE}.use_resource")
     results = [sig.apply_async() for _ in range(50)]
     seen = [r.get(timeout=30) for r in results]
-    assert len({s["resources"] for s in seen}) == 1  # one object for the whole worker
+    # One object per process that runs tasks, shared by all its tasks.
+    assert 1 <= len({(s["pid"], s["resources"]) for s in seen}) <= pool_backend.processes
+    assert len({s["resources"] for s in seen}) == len({s["pid"] for s in seen})
     assert all(s["prerun_saw_me"] for s in seen)  # async task_prerun ran first, on the loop
     log = resources_worker.log()
-    assert log.count("lifespan: entered on celery-anyio-loop") == 1
-    assert "worker_ready receiver ran on celery-anyio-loop" in log
+    assert log.count("lifespan: entered on celery-anyio-loop") == pool_backend.processes
+    # Sent in the main process: on its loop when it runs the tasks, else on a loop of
+    # its own there (the task processes have their own signals).
+    ran_on = "celery-anyio-loop" if pool_backend.processes == 1 else ""
+    assert f"worker_ready receiver ran on {ran_on}" in log
     assert "this receiver always fails" in log  # logged by Celery; the tasks succeeded
 
 
 def test_lifespan_exits_after_the_last_task_on_warm_shutdown(
-    namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: PoolBackend
 ) -> None:
-    queue = namespace.queue(f"lifespan-stop-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    queue = namespace.queue(f"lifespan-stop-{pool_backend.tag}")
+    args = [*pool_args(pool_backend)]
     worker = Worker(namespace, queue, args, app_module=EXAMPLE).start()
     client = namespace.client(queue)
     try:
@@ -67,7 +73,8 @@ def test_lifespan_exits_after_the_last_task_on_warm_shutdown(
             r.get(timeout=30)
         worker.stop()
         log = worker.log()
-        assert "lifespan: exited after 5 calls" in log
+        calls = [int(n) for n in re.findall(r"lifespan: exited after (\d+) calls", log)]
+        assert len(calls) == pool_backend.processes and sum(calls) == 5
         assert log.index("lifespan: exited") > log.rindex("succeeded in")
     finally:
         worker.stop()
@@ -75,10 +82,10 @@ def test_lifespan_exits_after_the_last_task_on_warm_shutdown(
 
 
 def test_a_lifespan_that_fails_stops_the_worker_with_a_clear_error(
-    namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: PoolBackend
 ) -> None:
-    queue = namespace.queue(f"lifespan-fail-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    queue = namespace.queue(f"lifespan-fail-{pool_backend.tag}")
+    args = [*pool_args(pool_backend)]
     conf = {"worker_anyio_lifespan": "tests.limitsapp:broken_lifespan"}
     worker = Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp")
     with pytest.raises(RuntimeError, match="worker exited with 1"):
@@ -105,33 +112,35 @@ def test_pool_grow_and_shrink_resize_the_limit_live(
 
 @pytest.mark.parametrize("explicit", [None, 4], ids=["following", "explicit"])
 def test_sync_task_threads_follow_pool_grow_unless_set(
-    namespace: Namespace, pool_backend: str, explicit: int | None
+    namespace: Namespace, pool_backend: PoolBackend, explicit: int | None
 ) -> None:
-    queue = namespace.queue(f"grow-threads-{pool_backend}-{explicit}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "4"]
+    queue = namespace.queue(f"grow-threads-{pool_backend.tag}-{explicit}")
+    args = [*pool_args(pool_backend), "-c", "4"]
     conf = {"worker_anyio_thread_limit": explicit} if explicit else None
     with Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp") as worker:
         client = namespace.client(queue)
+        # The setting is per process; following -c, the threads add up to -c.
+        fixed = explicit * pool_backend.processes if explicit else None
         try:
-            assert pool_stats(client, worker)["threads"] == 4
+            assert pool_stats(client, worker)["threads"] == (fixed or 4)
             client.app.control.pool_grow(8, destination=node(client, worker), reply=True)
             stats = pool_stats(client, worker)
             assert stats["max-concurrency"] == 12
-            assert stats["threads"] == (explicit or 12)
+            assert stats["threads"] == (fixed or 12)
             if explicit is None:  # twelve sync tasks run at once, each waiting for all
                 k = f"celery-anyio-test:{queue}"
                 sig = client.app.signature("tests.limitsapp.sync_rendezvous", args=(k, 12))
                 results = [sig.clone().apply_async() for _ in range(12)]
                 assert [r.get(timeout=60) for r in results] == [True] * 12
             client.app.control.pool_shrink(10, destination=node(client, worker), reply=True)
-            assert pool_stats(client, worker)["threads"] == (explicit or 2)
+            assert pool_stats(client, worker)["threads"] == (fixed or 2)
         finally:
             client.close()
 
 
-def test_shrunk_limit_bounds_running_tasks(namespace: Namespace, pool_backend: str) -> None:
-    queue = namespace.queue(f"shrink-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "4"]
+def test_shrunk_limit_bounds_running_tasks(namespace: Namespace, pool_backend: PoolBackend) -> None:
+    queue = namespace.queue(f"shrink-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "-c", "4"]
     with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
         client = namespace.client(queue)
         try:
@@ -145,9 +154,11 @@ def test_shrunk_limit_bounds_running_tasks(namespace: Namespace, pool_backend: s
             client.close()
 
 
-def test_autoscale_grows_the_pool_under_load(namespace: Namespace, pool_backend: str) -> None:
-    queue = namespace.queue(f"autoscale-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "--autoscale=40,2"]
+def test_autoscale_grows_the_pool_under_load(
+    namespace: Namespace, pool_backend: PoolBackend
+) -> None:
+    queue = namespace.queue(f"autoscale-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "--autoscale=40,2"]
     with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
         client = namespace.client(queue)
         try:

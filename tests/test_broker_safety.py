@@ -8,19 +8,19 @@ import uuid
 import pytest
 import redis
 
-from .harness import Namespace, Worker
+from .harness import Namespace, PoolBackend, Worker, pool_args
 
 pytestmark = pytest.mark.worker
 
 TASKS = 20_000
 
 
-def test_20000_tasks_none_lost_none_twice(namespace: Namespace, pool_backend: str) -> None:
-    queue = namespace.queue(f"load-{pool_backend}")
+def test_20000_tasks_none_lost_none_twice(namespace: Namespace, pool_backend: PoolBackend) -> None:
+    queue = namespace.queue(f"load-{pool_backend.tag}")
     key = f"celery-anyio-test:tally:{uuid.uuid4().hex}"
     store = redis.Redis.from_url(namespace.results_url)
     client = namespace.client(queue)
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "500"]
+    args = [*pool_args(pool_backend), "-c", "500"]
     try:
         with Worker(namespace, queue, args) as worker:
             with client.app.producer_or_acquire() as producer:

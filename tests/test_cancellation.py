@@ -13,8 +13,10 @@ from .harness import (
     CELERY_VERSION,
     Client,
     Namespace,
+    PoolBackend,
     Worker,
     key,
+    pool_args,
     send,
     tallies,
     wait_for_log,
@@ -203,12 +205,12 @@ def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
 def test_several_leaves_round_trip_through_the_pickle_serializer(
-    namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: PoolBackend
 ) -> None:
     # Task messages stay JSON (a root worker refuses to accept pickled ones).
     conf = {"result_serializer": "pickle", "result_accept_content": ["json", "pickle"]}
-    queue = namespace.queue(f"pickle-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+    queue = namespace.queue(f"pickle-{pool_backend.tag}")
+    args = [*pool_args(pool_backend)]
     with Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp"):
         client = namespace.client(queue)
         client.app.conf.update(result_serializer="pickle", result_accept_content=["json", "pickle"])

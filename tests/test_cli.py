@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .harness import ROOT, Namespace, Worker
+from .harness import ROOT, Namespace, PoolBackend, Worker, pool_args
 
 pytestmark = pytest.mark.worker
 
@@ -40,9 +40,9 @@ def test_help_lists_backend_option() -> None:
 
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
-def test_cli_line_verbatim(namespace: Namespace, pool_backend: str) -> None:
-    queue = namespace.queue(f"cli-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}"]
+def test_cli_line_verbatim(namespace: Namespace, pool_backend: PoolBackend) -> None:
+    queue = namespace.queue(f"cli-{pool_backend.tag}")
+    args = [*pool_args(pool_backend)]
     with Worker(namespace, queue, args) as worker:
         stats = pool_stats(namespace, worker)
         client = namespace.client(queue)

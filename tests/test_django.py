@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from .harness import ROOT, Namespace, Worker
+from .harness import ROOT, Namespace, PoolBackend, Worker, pool_args
 
 pytestmark = pytest.mark.worker
 
@@ -93,15 +93,15 @@ def _worker(
 ) -> Worker:
     os.environ.update(CELERY_ANYIO_TEST_PG_DB=database, CELERY_ANYIO_TEST_PG_APP=app_name)
     queue = namespace.queue(f"django-{app_name}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={backend}", "-c", "50"]
+    args = [*pool_args(backend), "-c", "50"]
     return Worker(namespace, queue, args, conf=conf, app_module=APP)
 
 
 @pytest.fixture
 def project(
-    namespace: Namespace, database: str, pool_backend: str, monkeypatch: pytest.MonkeyPatch
+    namespace: Namespace, database: str, pool_backend: PoolBackend, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Project]:
-    app_name = f"worker-{pool_backend}-{time.monotonic_ns()}"
+    app_name = f"worker-{pool_backend.tag}-{time.monotonic_ns()}"
     monkeypatch.setenv("CELERY_ANYIO_TEST_PG_APP", app_name)
     with _worker(namespace, database, pool_backend, app_name, None) as worker:
         project = Project(namespace, database, app_name, worker)
@@ -113,7 +113,9 @@ def project(
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
 @pytest.mark.parametrize("task", ["add_note", "add_note_in_thread", "add_note_sync"])
-def test_each_task_closes_its_connections(project: Project, pool_backend: str, task: str) -> None:
+def test_each_task_closes_its_connections(
+    project: Project, pool_backend: PoolBackend, task: str
+) -> None:
     if task == "add_note" and pool_backend == "trio":
         pytest.skip("Django's async ORM needs asyncio (docs/django.md)")
     extra = () if task == "add_note_sync" else (0.01,)
@@ -130,9 +132,9 @@ def test_each_task_closes_its_connections(project: Project, pool_backend: str, t
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
 def test_results_on_the_loop_with_django_db_are_refused(
-    namespace: Namespace, database: str, pool_backend: str
+    namespace: Namespace, database: str, pool_backend: PoolBackend
 ) -> None:
-    app_name = f"refused-{pool_backend}-{time.monotonic_ns()}"
+    app_name = f"refused-{pool_backend.tag}-{time.monotonic_ns()}"
     worker = _worker(
         namespace, database, pool_backend, app_name, {"worker_anyio_result_threads": 0}
     )
@@ -142,6 +144,6 @@ def test_results_on_the_loop_with_django_db_are_refused(
 
 
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
-def test_trio_with_django_warns_at_start(project: Project, pool_backend: str) -> None:
+def test_trio_with_django_warns_at_start(project: Project, pool_backend: PoolBackend) -> None:
     warned = "Django is set up and the backend is trio" in project.worker.log()
     assert warned == (pool_backend == "trio")

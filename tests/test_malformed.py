@@ -15,7 +15,7 @@ import pytest
 from celery.exceptions import InvalidTaskError
 from kombu import Producer
 
-from .harness import Client, Namespace, Worker, wait_for_log
+from .harness import Client, Namespace, PoolBackend, Worker, pool_args, wait_for_log
 
 pytestmark = pytest.mark.worker
 
@@ -23,10 +23,10 @@ ADD = "tests.workerapp.add"
 
 
 @pytest.fixture(scope="module")
-def worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+def worker(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[Worker]:
     """A worker of its own: the errors it logs must not reach the shared worker's log."""
-    queue = namespace.queue(f"malformed-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
+    queue = namespace.queue(f"malformed-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "-c", "50"]
     with Worker(namespace, queue, args) as w:
         yield w
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from .harness import Namespace, Worker
+from .harness import Namespace, PoolBackend, Worker, pool_args
 from .slow_results import STORE_SECONDS
 
 STORES = 5  # back to back on the loop they would stall it for 1.5 s
@@ -26,14 +26,14 @@ def result_threads(request: pytest.FixtureRequest) -> int:
 
 @pytest.fixture
 def slow_store_worker(
-    namespace: Namespace, pool_backend: str, result_threads: int
+    namespace: Namespace, pool_backend: PoolBackend, result_threads: int
 ) -> Iterator[Worker]:
-    queue = namespace.queue(f"slowstore-{pool_backend}-{result_threads}")
+    queue = namespace.queue(f"slowstore-{pool_backend.tag}-{result_threads}")
     conf = {
         "result_backend": f"tests.slow_results:SlowRedisBackend+{namespace.results_url}",
         "worker_anyio_result_threads": result_threads,
     }
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "20"]
+    args = [*pool_args(pool_backend), "-c", "20"]
     with Worker(namespace, queue, args, conf=conf) as worker:
         yield worker
 

@@ -13,8 +13,10 @@ from typing_extensions import Self
 from .harness import (
     Client,
     Namespace,
+    PoolBackend,
     Worker,
     key,
+    pool_args,
     send,
     tallies,
     wait_for_log,
@@ -26,10 +28,10 @@ pytestmark = pytest.mark.worker
 
 
 @pytest.fixture(scope="session")
-def narrow_worker(namespace: Namespace, pool_backend: str) -> Iterator[Worker]:
+def narrow_worker(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[Worker]:
     """One task at a time, events on: a second task waits in the pool's queue."""
-    queue = namespace.queue(f"narrow-{pool_backend}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "1", "-E"]
+    queue = namespace.queue(f"narrow-{pool_backend.tag}")
+    args = [*pool_args(pool_backend), "-c", "1", "-E"]
     with Worker(namespace, queue, args, app_module="tests.limitsapp") as worker:
         yield worker
 

@@ -11,8 +11,10 @@ import pytest
 from .harness import (
     CELERY_VERSION,
     Namespace,
+    PoolBackend,
     Worker,
     key,
+    pool_args,
     send,
     tallies,
     wait_for_log,
@@ -25,14 +27,16 @@ EXIT_BOUND = 15  # seconds a stopping worker may take beyond its running tasks
 
 
 def start_worker(
-    namespace: Namespace, pool_backend: str, name: str, conf: dict[str, Any] | None = None
+    namespace: Namespace, pool_backend: PoolBackend, name: str, conf: dict[str, Any] | None = None
 ) -> Worker:
-    queue = namespace.queue(f"{name}-{pool_backend}-{time.monotonic_ns()}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "50"]
+    queue = namespace.queue(f"{name}-{pool_backend.tag}-{time.monotonic_ns()}")
+    args = [*pool_args(pool_backend), "-c", "50"]
     return Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp").start()
 
 
-def test_warm_shutdown_lets_running_tasks_finish(namespace: Namespace, pool_backend: str) -> None:
+def test_warm_shutdown_lets_running_tasks_finish(
+    namespace: Namespace, pool_backend: PoolBackend
+) -> None:
     worker = start_worker(namespace, pool_backend, "warm")
     client = namespace.client(worker.queue)
     try:
@@ -51,7 +55,7 @@ def test_warm_shutdown_lets_running_tasks_finish(namespace: Namespace, pool_back
 
 @pytest.mark.skipif(CELERY_VERSION < (5, 5), reason="soft shutdown is new in Celery 5.5")
 def test_soft_shutdown_lets_tasks_finish_within_its_timeout(
-    namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: PoolBackend
 ) -> None:
     conf = {"worker_soft_shutdown_timeout": 5}
     worker = start_worker(namespace, pool_backend, "soft", conf)
@@ -71,7 +75,9 @@ def test_soft_shutdown_lets_tasks_finish_within_its_timeout(
         client.close()
 
 
-def test_cold_shutdown_redelivers_acks_late_tasks(namespace: Namespace, pool_backend: str) -> None:
+def test_cold_shutdown_redelivers_acks_late_tasks(
+    namespace: Namespace, pool_backend: PoolBackend
+) -> None:
     n = 10
     worker = start_worker(namespace, pool_backend, "cold")
     client = namespace.client(worker.queue)
@@ -109,7 +115,9 @@ def test_cold_shutdown_redelivers_acks_late_tasks(namespace: Namespace, pool_bac
         client.close()
 
 
-def test_sigterm_then_sigquit_stops_promptly(namespace: Namespace, pool_backend: str) -> None:
+def test_sigterm_then_sigquit_stops_promptly(
+    namespace: Namespace, pool_backend: PoolBackend
+) -> None:
     worker = start_worker(namespace, pool_backend, "escalate")
     client = namespace.client(worker.queue)
     try:
@@ -133,7 +141,7 @@ def test_sigterm_then_sigquit_stops_promptly(namespace: Namespace, pool_backend:
 
 
 def test_cold_shutdown_does_not_wait_for_a_stuck_sync_thread(
-    namespace: Namespace, pool_backend: str
+    namespace: Namespace, pool_backend: PoolBackend
 ) -> None:
     worker = start_worker(namespace, pool_backend, "stuck")
     client = namespace.client(worker.queue)

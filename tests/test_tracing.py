@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from .harness import Client, Namespace, Worker
+from .harness import Client, Namespace, PoolBackend, Worker, pool_args
 
 pytestmark = pytest.mark.worker
 
@@ -25,9 +25,9 @@ LEAF = "tests.otelapp.traced_leaf"
 
 
 @pytest.fixture
-def traced(namespace: Namespace, pool_backend: str) -> Iterator[tuple[Client, Worker]]:
-    queue = namespace.queue(f"otel-{pool_backend}-{time.monotonic_ns()}")
-    args = ["-P", "celery_anyio:Pool", f"--backend={pool_backend}", "-c", "500"]
+def traced(namespace: Namespace, pool_backend: PoolBackend) -> Iterator[tuple[Client, Worker]]:
+    queue = namespace.queue(f"otel-{pool_backend.tag}-{time.monotonic_ns()}")
+    args = [*pool_args(pool_backend), "-c", "500"]
     with Worker(namespace, queue, args, app_module="tests.otelapp") as worker:
         client = namespace.client(queue)
         try:
@@ -54,22 +54,37 @@ def _publish_roots(client: Client) -> tuple[list[Any], list[tuple[str, str]]]:
     return results, producers
 
 
+def _all_spans(client: Client, worker: Worker) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every task process's finished spans (each has its own exporter)."""
+    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
+    pids = set(replies[worker.node]["pool"]["processes"])
+    finished = client.app.signature("tests.otelapp.finished_spans", args=(0.3,))
+    dumps: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    while set(dumps) != pids:  # concurrent dumps spread over the processes
+        assert time.monotonic() < deadline, (pids, set(dumps))
+        for result in [finished.delay() for _ in pids]:
+            dump = result.get(timeout=30)
+            dumps[dump["pid"]] = dump
+    spans = [span for dump in dumps.values() for span in dump["spans"]]
+    return spans, [len(dump["initialised_in"]) for dump in dumps.values()]
+
+
 def test_one_trace_per_task_tree(traced: tuple[Client, Worker]) -> None:
-    client, _ = traced
+    client, worker = traced
     results, producers = _publish_roots(client)
     bodies = [r.get(timeout=120) for r in results]
-    finished = client.app.signature("tests.otelapp.finished_spans")
     deadline = time.monotonic() + 30
     while True:  # a leaf's span ends in its task_postrun, just after its result
-        dumped = finished.delay().get(timeout=30)
+        spans, initialised = _all_spans(client, worker)
         by_trace: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for span in dumped["spans"]:
+        for span in spans:
             by_trace[span["trace"]].append(span)
-        if sum(len(spans) for spans in by_trace.values()) >= 4 * ROOTS:
+        if len(spans) >= 4 * ROOTS:
             break
-        assert time.monotonic() < deadline, f"{len(dumped['spans'])} spans"
+        assert time.monotonic() < deadline, f"{len(spans)} spans"
         time.sleep(0.2)
-    assert len(dumped["initialised_in"]) == 1  # worker_process_init, sent once
+    assert set(initialised) == {1}  # worker_process_init: once in each task process
     assert len(by_trace) == ROOTS  # nothing started a trace of its own
     for (trace_id, producer), body in zip(producers, bodies, strict=True):
         spans = {(s["kind"], s["name"]): s for s in by_trace[trace_id]}

@@ -9,7 +9,7 @@ import pytest
 from celery import chain, chord, group
 from celery.result import ResultSet
 
-from .harness import Client, Worker
+from .harness import Client, PoolBackend, Worker
 
 pytestmark = pytest.mark.worker
 
@@ -103,13 +103,16 @@ def test_countdown_and_expires(client: Client) -> None:
     assert expired.state == "REVOKED", info.value
 
 
-def test_inspect_stats_shows_the_pool(client: Client, worker: Worker, pool_backend: str) -> None:
+def test_inspect_stats_shows_the_pool(
+    client: Client, worker: Worker, pool_backend: PoolBackend
+) -> None:
     replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
     pool = replies[worker.node]["pool"]
     assert pool["implementation"] == "celery_anyio.pool:Pool"
     assert pool["backend"] == pool_backend
     assert pool["max-concurrency"] == 200
-    assert pool["result-threads"] == 1
+    assert len(pool["processes"]) == pool_backend.processes  # celery-exporter counts them
+    assert pool["result-threads"] == pool_backend.processes
 
 
 def test_no_errors_in_worker_log(client: Client, worker: Worker) -> None:

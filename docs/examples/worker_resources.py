@@ -60,6 +60,7 @@ async def use_resource(self: Any) -> dict[str, Any]:
         resources.calls += 1
         await anyio.sleep(0.01)
     return {
+        "pid": os.getpid(),
         "resources": id(resources),
         "prerun_saw_me": self.request.id in resources.prerun_seen,
     }

@@ -1,0 +1,563 @@
+"""``--processes N``: the worker's main process supervises N task processes.
+
+Prefork's shape: Celery's consumer, remote control, acks and events stay in the
+main process; each child (:mod:`celery_anyio.child`) runs its own event loop and
+root task group, stores results itself, and reports back what Celery's
+``Request`` callbacks are called with, which then run here, on the consumer's
+thread, as under prefork.
+
+The main process holds the queue: a job goes to the child with the most free
+slots of its share of ``-c``, and waits here while every share is taken, so no
+child sits idle while another has a queue, and ``-c`` bounds the whole worker.
+
+A child that dies is replaced; its running jobs fail with ``WorkerLostError``
+(Celery's ``Request`` then rejects ``reject_on_worker_lost`` tasks back to the
+queue), jobs it had not started go to another child.  ``--max-tasks-per-child``
+and ``--max-memory-per-child`` retire a child gracefully: it takes no new job,
+finishes its own and exits, and a fresh one takes its share at once.
+
+Children are forked from the main process, which runs no thread of this pool
+(with kombu's hub, everything here runs on the consumer's thread; without one,
+a reader thread is started after the children).  I/O on the sockets never
+blocks the consumer: writes that do not fit wait in the hub's writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+import billiard
+from billiard.common import human_status
+from billiard.einfo import ExceptionInfo
+from celery.exceptions import WorkerLostError
+
+from .child import run_child, target_name
+from .ipc import READ_SIZE, Frames, frame
+from .jobs import Job
+from .settings import PoolSettings
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_SECONDS = 60.0
+CANCEL_GRACE_SECONDS = 10.0
+PUMP_SECONDS = 0.2
+STATS_TIMEOUT_SECONDS = 2.0
+
+
+class _Child:
+    """The main process's handle on one task process."""
+
+    def __init__(self, index: int, share: int) -> None:
+        self.index = index
+        self.share = share
+        self.process: Any = None
+        self.sock: socket.socket | None = None
+        self.frames = Frames()
+        self.outbox = bytearray()
+        self.writing = False  # a writer is registered with the hub
+        self.jobs: dict[int, Job] = {}  # handed over, not yet released
+        self.accepted: set[int] = set()
+        self.reported: set[int] = set()
+        self.completed = 0
+        self.assigned = 0  # jobs handed to this process in its life
+        self.retiring = False
+        self.ready = False
+        self.gone = False
+        self.pid: int | None = None
+        self.stats: dict[str, Any] = {}
+        self.stats_round = 0
+
+    @property
+    def free(self) -> int:
+        return self.share - len(self.jobs)
+
+
+class ProcessGroup:
+    """Forks, feeds, watches and replaces the task processes of one worker."""
+
+    def __init__(
+        self,
+        app: Any,
+        settings: PoolSettings,
+        processes: int,
+        concurrency: int,
+        hostname: str | None,
+        *,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.hostname = hostname
+        self.limit = concurrency
+        self.max_tasks_per_child = max_tasks_per_child or 0
+        self.max_memory_per_child = max_memory_per_child or None
+        self._children: list[_Child] = [
+            _Child(index, share) for index, share in enumerate(_shares(concurrency, processes))
+        ]
+        self._queue: deque[Job] = deque()
+        self._lock = threading.RLock()  # only contended without a hub (reader thread)
+        self._hub: Any = None
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+        self._cold = False
+        self._starting = False
+        self._start_failure: str | None = None
+        self._stats_round = 0
+        self._revoked: Callable[[Job], bool] = lambda job: False
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self, revoked: Callable[[Job], bool]) -> None:
+        """Fork every child and wait until each is ready for jobs."""
+        self._revoked = revoked
+        self._starting = True
+        for child in self._children:
+            self._fork(child)
+        deadline = monotonic() + READY_TIMEOUT_SECONDS
+        while not all(child.ready for child in self._children):
+            if self._start_failure:
+                self.cancel()
+                raise RuntimeError(self._start_failure)
+            if monotonic() > deadline:
+                self.cancel()
+                raise RuntimeError(
+                    f"celery_anyio: task processes not ready in {READY_TIMEOUT_SECONDS}s"
+                )
+            self._pump(PUMP_SECONDS)
+        self._starting = False
+
+    def _fork(self, child: _Child) -> None:
+        ours, theirs = socket.socketpair()
+        siblings = [c.sock for c in self._children if c.sock is not None and c is not child]
+        context = billiard.get_context("fork")
+        process = context.Process(
+            target=_child_entry,
+            args=(
+                self.app,
+                self.hostname,
+                theirs,
+                [ours, *siblings],
+                self.settings,
+                child.share,
+                self.max_memory_per_child,
+            ),
+            name=f"celery-anyio-{child.index}",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        ours.setblocking(False)
+        child.process, child.sock, child.pid = process, ours, process.pid
+        child.frames, child.outbox, child.writing = Frames(), bytearray(), False
+        child.ready = child.gone = child.retiring = False
+        child.completed = child.assigned = 0
+        child.jobs, child.accepted, child.reported = {}, set(), set()
+        if self._hub is not None:
+            self._hub.add_reader(ours.fileno(), self._on_readable, child)
+
+    # -- I/O -------------------------------------------------------------------------
+
+    def register(self, hub: Any) -> None:
+        """Read the children from kombu's hub, on the consumer's thread."""
+        self._hub = hub
+        for child in self._children:
+            if child.sock is not None and not child.gone:
+                hub.add_reader(child.sock.fileno(), self._on_readable, child)
+
+    def _ensure_reader(self) -> None:
+        """No hub (a transport without an event loop): read in a thread of our own."""
+        if self._hub is None and self._reader is None:
+            self._reader = threading.Thread(
+                target=self._read_forever, name="celery-anyio-processes", daemon=True
+            )
+            self._reader.start()
+
+    def _read_forever(self) -> None:
+        while not self._all_gone():
+            self._pump(PUMP_SECONDS)
+
+    def _pump(self, timeout: float) -> None:
+        """Read (and write) the children's sockets once, outside the hub."""
+        with self._lock:
+            readers = [c.sock for c in self._children if c.sock is not None and not c.gone]
+            writers = [c.sock for c in self._children if c.outbox and not c.gone and c.sock]
+            by_sock = {c.sock: c for c in self._children}
+        if not readers:
+            return
+        try:
+            readable, writable, _ = select.select(readers, writers, [], timeout)
+        except (OSError, ValueError):  # a socket closed under us: the next pump sees it
+            return
+        for sock in writable:
+            self._on_writable(by_sock[sock])
+        for sock in readable:
+            self._on_readable(by_sock[sock])
+
+    def _on_readable(self, child: _Child) -> None:
+        with self._lock:
+            if child.gone or child.sock is None:
+                return
+            try:
+                data = child.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._child_gone(child)
+                return
+            for message in child.frames.feed(data):
+                self._handle(child, message)
+
+    def _on_writable(self, child: _Child) -> None:
+        with self._lock:
+            self._flush_outbox(child)
+
+    def _send(self, child: _Child, *message: Any) -> None:
+        if child.gone or child.sock is None:
+            return
+        child.outbox += frame(message)
+        self._flush_outbox(child)
+
+    def _flush_outbox(self, child: _Child) -> None:
+        sock = child.sock
+        if sock is None or child.gone or not child.outbox:
+            return
+        try:
+            sent = sock.send(child.outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the child is gone: its reader sees that
+        del child.outbox[:sent]
+        hub = self._hub
+        if hub is None:
+            return
+        # kombu's hub keys its callbacks by file number, and remove_writer keeps
+        # the reader only when one is registered under the same number.
+        if child.outbox and not child.writing:
+            child.writing = True
+            hub.add_writer(sock.fileno(), self._on_writable, child)
+        elif not child.outbox and child.writing:
+            child.writing = False
+            hub.remove_writer(sock.fileno())
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        target_name(job.target)  # only Celery's tracers can cross
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("celery_anyio: the worker is stopping")
+            self._ensure_reader()
+            self._queue.append(job)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._queue and self._outstanding() < self.limit:
+            child = self._pick()
+            if child is None:
+                return
+            job = self._queue.popleft()
+            if job.stop_reason is not None or self._revoked(job):
+                continue
+            child.jobs[job.id] = job
+            self._send(
+                child,
+                "job",
+                job.id,
+                target_name(job.target),
+                job.args,
+                job.is_async,
+                job.soft_timeout,
+                job.timeout,
+                job.correlation_id,
+            )
+            child.assigned += 1
+            if self.max_tasks_per_child and child.assigned >= self.max_tasks_per_child:
+                # It finishes these and exits; a fresh process takes its share now.
+                self._retire(child, f"it took {child.assigned} tasks (--max-tasks-per-child)")
+
+    def _pick(self) -> _Child | None:
+        open_children = [
+            c for c in self._children if c.ready and not c.retiring and not c.gone and c.free > 0
+        ]
+        return max(open_children, key=lambda c: c.free, default=None)
+
+    def _outstanding(self) -> int:
+        return sum(len(child.jobs) for child in self._children)
+
+    def terminate(self, job_id: int) -> None:
+        with self._lock:
+            for child in self._children:
+                job = child.jobs.get(job_id)
+                if job is not None:
+                    job.stop_reason = "terminated"
+                    self._send(child, "terminate", job_id)
+                    return
+            for job in self._queue:
+                if job.id == job_id:
+                    job.stop_reason = "terminated"
+
+    def flush(self) -> int:
+        """Drop the jobs no child has started (the broker delivers them again)."""
+        with self._lock:
+            dropped = len(self._queue)
+            self._queue.clear()
+            for child in self._children:
+                waiting = [i for i in child.jobs if i not in child.accepted]
+                dropped += len(waiting)
+                self._send(child, "flush")
+            return dropped
+
+    def resize(self, concurrency: int) -> None:
+        with self._lock:
+            self.limit = concurrency
+            for child, share in zip(
+                self._children, _shares(concurrency, len(self._children)), strict=True
+            ):
+                child.share = share
+                self._send(child, "limits", share, self.settings.threads_for(share))
+            self._dispatch()
+
+    # -- what the children say ----------------------------------------------------------
+
+    def _handle(self, child: _Child, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "stats":
+            child.stats_round, child.stats = message[1], message[2]
+            return
+        if kind == "ready":
+            child.ready = True
+            child.pid = message[1]
+            self._dispatch()
+            return
+        if kind == "retiring":
+            self._retire(child, "its memory passed --max-memory-per-child")
+            return
+        job = child.jobs.get(message[1])
+        if job is None:
+            return
+        if kind == "accepted":
+            child.accepted.add(job.id)
+            _call(job.accept_callback, job.id, message[2])
+        elif kind == "done":
+            self._reported(child, job)
+            _call(job.callback, message[2])
+        elif kind == "error":
+            self._reported(child, job)
+            _call(job.error_callback, message[2])
+        elif kind == "timeout":
+            if not message[2]:  # the hard limit: the job has ended
+                self._reported(child, job)
+            _call(job.timeout_callback, message[2], message[3])
+        elif kind == "released":
+            del child.jobs[job.id]
+            child.accepted.discard(job.id)
+            child.reported.discard(job.id)
+            self._dispatch()
+
+    def _reported(self, child: _Child, job: Job) -> None:
+        child.reported.add(job.id)
+        child.completed += 1
+
+    def _retire(self, child: _Child, why: str) -> None:
+        """No new job for ``child``; it finishes its own, exits, and is replaced."""
+        if child.retiring or self._stopping:
+            return
+        child.retiring = True
+        logger.info(
+            "celery_anyio: task process %s (pid %s) retires: %s", child.index, child.pid, why
+        )
+        self._send(child, "stop")
+        replacement = _Child(child.index, child.share)
+        self._children.append(replacement)
+        self._fork(replacement)
+
+    def _child_gone(self, child: _Child) -> None:
+        child.gone = True
+        sock, child.sock = child.sock, None
+        if sock is not None:
+            if self._hub is not None:
+                with contextlib.suppress(Exception):
+                    self._hub.remove(sock.fileno())
+            sock.close()
+        process = child.process
+        process.join(CANCEL_GRACE_SECONDS)
+        exitcode = process.exitcode
+        lost = [job for job in child.jobs.values() if job.id not in child.reported]
+        started = [job for job in lost if job.id in child.accepted]
+        unstarted = [job for job in lost if job.id not in child.accepted]
+        child.jobs.clear()
+        self._children.remove(child)
+        if self._starting:  # the worker fails to start
+            self._start_failure = (
+                f"celery_anyio: task process {child.index} exited while starting "
+                f"({human_status(exitcode)}); see its log above"
+            )
+            return
+        if not (child.retiring or self._stopping) or lost:
+            logger.error(
+                "celery_anyio: task process %s (pid %s) exited with %s; %d running tasks lost%s",
+                child.index,
+                child.pid,
+                human_status(exitcode),
+                len(started),
+                "" if self._stopping else ", starting a new process",
+            )
+        for job in started:
+            _call(job.error_callback, _worker_lost(exitcode, job))
+        if self._stopping:
+            return
+        if not child.retiring:  # a retiring child's replacement is already there
+            replacement = _Child(child.index, child.share)
+            self._children.append(replacement)
+            self._fork(replacement)
+        # Never started: another child runs them, first.
+        self._queue.extendleft(reversed(unstarted))
+        self._dispatch()
+
+    # -- stop ----------------------------------------------------------------------
+
+    def stop(self, cold: Callable[[], bool]) -> None:
+        """Warm: each child finishes what it was handed and exits; cold once ``cold()``."""
+        with self._lock:
+            self._stopping = True
+            self._queue.clear()
+            for child in self._children:
+                self._send(child, "stop")
+        while not self._all_gone():
+            if cold() and not self._cold:
+                self.cancel()
+                return
+            self._wait(PUMP_SECONDS)
+
+    def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> bool:
+        """Cold: every child cancels its jobs and exits; one that does not is killed."""
+        with self._lock:
+            self._stopping = self._cold = True
+            self._queue.clear()
+            for child in self._children:
+                self._send(child, "cancel")
+        deadline = monotonic() + grace
+        while not self._all_gone() and monotonic() < deadline:
+            self._wait(PUMP_SECONDS)
+        stuck = [c for c in self._children if not c.gone]
+        for child in stuck:
+            logger.warning(
+                "celery_anyio: task process %s (pid %s) did not stop in %ss: killed",
+                child.index,
+                child.pid,
+                grace,
+            )
+            with contextlib.suppress(OSError):
+                os.kill(child.pid or child.process.pid, signal.SIGKILL)
+        while not self._all_gone():
+            self._wait(PUMP_SECONDS)
+        return not stuck
+
+    def _wait(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+        else:
+            self._pump(timeout)
+
+    def _all_gone(self) -> bool:
+        with self._lock:
+            return all(child.gone for child in self._children)
+
+    # -- what inspect stats shows ----------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return all(child.ready for child in self._children if not child.retiring)
+
+    def _refresh_stats(self, timeout: float = STATS_TIMEOUT_SECONDS) -> None:
+        """Ask every child for its numbers and wait (briefly) for the answers."""
+        with self._lock:
+            self._stats_round += 1
+            wanted = self._stats_round
+            asked = [c for c in self._children if c.ready and not c.gone]
+            for child in asked:
+                self._send(child, "stats", wanted)
+        deadline = monotonic() + timeout
+        while any(c.stats_round < wanted and not c.gone for c in asked):
+            left = deadline - monotonic()
+            if left <= 0:
+                return
+            if self._reader is not None:
+                self._reader.join(min(left, 0.01))
+            else:
+                self._pump(min(left, PUMP_SECONDS))
+
+    def info(self) -> dict[str, Any]:
+        self._refresh_stats()
+        with self._lock:
+            live = [c for c in self._children if not c.gone]
+            stats = [c.stats for c in live if c.stats]
+            lags = [s.get("loop-lag-ms") or {} for s in stats]
+            return {
+                "backend": self.settings.backend,
+                "loop": next((s.get("loop") for s in stats), None),
+                "running": sum(len(c.accepted - c.reported) for c in live),
+                "queued": len(self._queue) + sum(len(c.jobs) - len(c.accepted) for c in live),
+                "threads": sum(self.settings.threads_for(c.share) for c in live),
+                "result-threads": self.settings.result_threads * len(live),
+                "processes": [c.pid for c in live if c.pid is not None],
+                "max-tasks-per-child": self.max_tasks_per_child or "N/A",
+                "max-memory-per-child": self.max_memory_per_child or "N/A",
+                "loop-lag-ms": {
+                    key: max((float(lag.get(key, 0.0)) for lag in lags), default=0.0)
+                    for key in ("last", "p50", "p99", "max")
+                },
+                "children": [
+                    {
+                        "pid": c.pid,
+                        "share": c.share,
+                        "jobs": len(c.jobs),
+                        "completed": c.completed,
+                        "retiring": c.retiring,
+                        "loop-lag-ms": (c.stats or {}).get("loop-lag-ms"),
+                    }
+                    for c in live
+                ],
+            }
+
+
+def _child_entry(*args: Any) -> None:
+    """billiard's process target: the child's life, then its exit code."""
+    raise SystemExit(run_child(*args))
+
+
+def _shares(concurrency: int, processes: int) -> list[int]:
+    """``-c`` split over the processes as evenly as it goes, each at least 1."""
+    base, extra = divmod(max(concurrency, processes), processes)
+    return [base + (1 if index < extra else 0) for index in range(processes)]
+
+
+def _worker_lost(exitcode: int | None, job: Job) -> ExceptionInfo:
+    """What prefork reports for a job whose process died under it."""
+    try:
+        raise WorkerLostError(f"Worker exited prematurely: {human_status(exitcode)} Job: {job.id}.")
+    except WorkerLostError:
+        return ExceptionInfo()
+
+
+def _call(callback: Callable[..., Any] | None, *args: Any) -> None:
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("celery_anyio: %r failed", callback)
