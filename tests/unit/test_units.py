@@ -1,0 +1,166 @@
+"""Small parts on their own: outcomes, settings, messages, the consumer thread, IPC."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from celery.exceptions import Ignore, Reject, Retry
+from kombu.asynchronous import Hub
+from kombu.message import Message
+
+from celery_anyio import TaskExceptionGroup, TaskExited
+from celery_anyio.consumer_thread import ConsumerThread
+from celery_anyio.ipc import Frames, frame
+from celery_anyio.messages import protocol_problem
+from celery_anyio.outcomes import translate
+from celery_anyio.settings import PoolSettings, SettingError
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
+
+
+# -- outcomes.translate ----------------------------------------------------------------
+
+
+# translate() runs on the worker's loop: it asks AnyIO for the loop's cancellation class.
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("exit_type", [SystemExit, KeyboardInterrupt, GeneratorExit])
+async def test_exits_become_task_exited(exit_type: type[BaseException], anyio_backend: Any) -> None:
+    translated = translate(exit_type("why"))
+    assert isinstance(translated, TaskExited)
+    assert translated.exc_type == exit_type.__name__
+
+
+@pytest.mark.anyio
+async def test_a_control_exception_in_a_group_wins(anyio_backend: Any) -> None:
+    retry = Retry("again")
+    group = ExceptionGroup("g", [ValueError("a"), ExceptionGroup("h", [retry, Ignore()])])
+    assert translate(group) is not retry and isinstance(translate(group), Ignore)
+    assert isinstance(translate(ExceptionGroup("g", [Reject("no"), Ignore()])), Reject)
+
+
+@pytest.mark.anyio
+async def test_one_leaf_is_itself_and_several_are_a_task_exception_group(
+    anyio_backend: Any,
+) -> None:
+    leaf = KeyError("k")
+    group = ExceptionGroup("g", [leaf])
+    assert translate(group) is leaf and leaf.__cause__ is group
+    several = translate(ExceptionGroup("g", [ValueError("v"), KeyError("k")]))
+    assert isinstance(several, TaskExceptionGroup)
+    assert several.types == ["ValueError", "KeyError"]
+    assert pickle.loads(pickle.dumps(several)).types == several.types
+
+
+@pytest.mark.anyio
+async def test_a_cancellation_in_a_group_is_left_alone(anyio_backend: Any) -> None:
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await anyio.sleep(1)
+        except anyio.get_cancelled_exc_class() as cancelled:
+            group = BaseExceptionGroup("g", [cancelled, ValueError("v")])
+            assert translate(group) is group
+            assert translate(cancelled) is cancelled
+            raise
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+def test_settings_defaults_and_checks() -> None:
+    settings = PoolSettings.from_conf({})
+    assert (settings.backend, settings.processes, settings.result_threads) == ("asyncio", 1, 1)
+    assert settings.threads_for(500) == 40 and settings.threads_for(3) == 3
+    assert PoolSettings.from_conf({"worker_anyio_thread_limit": 7}).threads_for(500) == 7
+    for bad in (
+        {"worker_anyio_backend": "curio"},
+        {"worker_anyio_result_threads": -1},
+        {"worker_anyio_thread_limit": "many"},
+        {"worker_anyio_processes": 0},
+        {"worker_anyio_block_warning": "soon"},
+        {"worker_anyio_backend_options": ["use_uvloop"]},
+    ):
+        with pytest.raises(SettingError, match=next(iter(bad))):
+            PoolSettings.from_conf(bad)
+
+
+# -- messages.protocol_problem --------------------------------------------------------
+
+
+def _message(body: Any, headers: dict[str, Any] | None) -> Message:
+    return Message(
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers=headers or {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "problem"),
+    [
+        ([[1], {}, {}], {"task": "t", "id": "i"}, None),
+        ({}, {"task": "t", "id": "i"}, "[args, kwargs, embed]"),
+        ([1], {"task": "t", "id": "i"}, "[args, kwargs, embed]"),
+        ([[1], {}, {}], {"task": "t"}, "'id' header"),
+        ({"task": "t", "id": "i", "args": [], "kwargs": {}}, None, None),
+        ({"task": "t", "args": []}, None, "protocol 1 body needs a task 'id'"),
+        ({"task": "t", "id": "i", "args": {}}, None, "args must be a list"),
+        ([1, 2, 3], None, "no task name"),
+    ],
+)
+def test_protocol_problems(body: Any, headers: dict[str, Any] | None, problem: str | None) -> None:
+    found = protocol_problem(_message(body, headers))
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+# -- consumer_thread ---------------------------------------------------------------
+
+
+def test_acks_from_other_threads_run_on_the_consumer_thread() -> None:
+    hub = Hub()
+    consumer = ConsumerThread()
+    consumer.register(hub)  # this thread is the consumer's
+    ran_on: list[str] = []
+
+    class Request:
+        def __init__(self) -> None:
+            self._on_ack = lambda *_: ran_on.append(threading.current_thread().name)
+            self._on_reject = self._on_ack
+
+    request = Request()
+    consumer.route_acks(request)
+    request._on_ack("logger", ())  # on the consumer's thread: at once
+    worker = threading.Thread(target=request._on_reject, args=("l", (), True), name="loop")
+    worker.start()
+    worker.join()
+    assert ran_on == ["MainThread"]  # the loop thread's reject waits for the hub
+    for callback in hub._pop_ready():
+        callback()
+    assert ran_on == ["MainThread", "MainThread"]
+    hub.close()
+
+
+# -- ipc -----------------------------------------------------------------------------
+
+
+def test_frames_survive_any_cut_of_the_stream() -> None:
+    messages = [("job", i, "x" * (i * 37), {"n": i}) for i in range(50)]
+    stream = b"".join(frame(m) for m in messages)
+    for step in (1, 7, 4096, len(stream)):
+        frames = Frames()
+        got = [
+            m
+            for start in range(0, len(stream), step)
+            for m in frames.feed(stream[start : start + step])
+        ]
+        assert got == messages
