@@ -71,12 +71,12 @@ def sync_stand_in(receiver: AsyncReceiver) -> Callable[..., Any]:
 
     @functools.wraps(receiver)
     def stand_in(*args: Any, **kwargs: Any) -> Any:
-        return run_to_completion(functools.partial(receiver, *args, **kwargs))
+        return run_receiver(functools.partial(receiver, *args, **kwargs))
 
     return stand_in
 
 
-def run_to_completion(make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+def run_receiver(make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run a coroutine from synchronous code, on the worker loop where possible."""
     if bridge.in_bridge():
         return bridge.await_(make_coro())

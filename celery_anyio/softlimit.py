@@ -43,7 +43,7 @@ from ._backends import BackendModule
 T = TypeVar("T")
 
 # Frames of a body's await chain where a wait belongs to leaving a context.
-_CONTEXT_EXITS = frozenset({"__aexit__", "_aexit", "_nested_child_finished"})
+_CONTEXT_EXITS = frozenset({"__aexit__", "_nested_child_finished"})
 
 
 class _BodyDriver:

@@ -59,7 +59,7 @@ def wrap_run(task: Any) -> bool:
         if bridge.in_bridge():
             return bridge.await_(run(*args, **kwargs))
         if request.is_eager:
-            return run_to_completion(task, functools.partial(run, *args, **kwargs))
+            return run_eagerly(task, functools.partial(run, *args, **kwargs))
         raise WrongPoolError(task.name)
 
     setattr(run_dispatch, _WRAPPED, True)
@@ -67,7 +67,7 @@ def wrap_run(task: Any) -> bool:
     return True
 
 
-def run_to_completion(task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+def run_eagerly(task: Any, make_coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run an async task body for eager mode, on its own short-lived loop.
 
     Inside a running event loop (an eager call from async code) the body runs on
