@@ -45,6 +45,15 @@ the pool from starting:
     Reject a malformed task message with a clear error instead of letting it
     end the worker (see :mod:`celery_anyio.messages`): wraps the handler
     ``Consumer.create_task_handler`` returns, in a worker running this pool.
+``prefetch``
+    Run ``Consumer._restore_prefetch_count_after_connection_restart``, which
+    Celery chains onto the acks after a reconnect (a ``basic_qos`` on the
+    consumer's channel), on the consumer's thread when it is called from
+    another (see :mod:`celery_anyio.consumer_thread`).
+``reconnect``
+    Let the consumer reconnect when kombu's Redis transport raises
+    ``AttributeError`` while Celery closes the lost connection (kombu#582):
+    ``Connection.maybe_close_channel`` treats it as a connection error.
 ``signals``
     Let ``async def`` receivers of Celery's signals be awaited (see
     :mod:`celery_anyio.receivers`): ``Signal._live_receivers`` hands ``send`` a
@@ -62,7 +71,17 @@ from celery import _state
 from . import settings
 from .context import make_ident_func
 
-PATCHES = ("stacks", "tasks", "cli", "aio", "events", "messages", "signals")
+PATCHES = (
+    "stacks",
+    "tasks",
+    "cli",
+    "aio",
+    "events",
+    "messages",
+    "prefetch",
+    "reconnect",
+    "signals",
+)
 DISABLE_ENV = "CELERY_ANYIO_DISABLE_PATCHES"
 
 
@@ -121,6 +140,8 @@ def install_worker(app: Any) -> None:
     patch_request_stacks(app)
     lock_event_dispatcher()  # before the consumer creates its dispatcher
     guard_task_messages()  # before the consumer's loop builds its handler
+    guard_prefetch_restore()  # ... and chains the restore onto its acks
+    tolerate_closing_a_lost_channel()
 
 
 # -- stacks ------------------------------------------------------------------
@@ -415,6 +436,60 @@ def guard_task_messages() -> None:
 
     create_task_handler._celery_anyio_patched = True  # type: ignore[attr-defined]
     Consumer.create_task_handler = create_task_handler
+
+
+# -- prefetch ----------------------------------------------------------------
+
+
+def guard_prefetch_restore() -> None:
+    """Run Celery's prefetch restore after a reconnect on the consumer's thread."""
+    if not enabled("prefetch"):
+        return
+    from celery.worker.consumer.consumer import Consumer
+
+    from .consumer_thread import guard_prefetch_restore as guard
+
+    guard(Consumer)
+
+
+# -- reconnect ---------------------------------------------------------------
+
+
+def tolerate_closing_a_lost_channel() -> None:
+    """Let the consumer reconnect when closing its lost Redis channel fails.
+
+    After a lost connection Celery closes it (``ignore_errors(connection,
+    connection.close)``); kombu's Redis channel then tries to restore its
+    unacked messages through a transport that has already let go of its
+    connection, and raises ``AttributeError`` (kombu#582, #970), which neither
+    ``ignore_errors`` nor ``Connection.maybe_close_channel`` expects: the worker
+    ends with "Unrecoverable error". Treated like the connection errors that
+    call already ignores, the consumer reconnects instead; the messages stay in
+    Redis's unacked set, restored after the visibility timeout as after a crash.
+    """
+    if not enabled("reconnect"):
+        return
+    from kombu.connection import Connection
+
+    stock = Connection.maybe_close_channel
+    if getattr(stock, "_celery_anyio_patched", False):
+        return
+
+    def maybe_close_channel(self: Any, channel: Any) -> None:
+        try:
+            stock(self, channel)
+        except AttributeError:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "celery_anyio: closing a channel of a lost connection failed inside kombu "
+                "(AttributeError, kombu#582); its unacknowledged messages are restored "
+                "after the visibility timeout",
+                exc_info=True,
+            )
+
+    maybe_close_channel._celery_anyio_patched = True  # type: ignore[attr-defined]
+    Connection.maybe_close_channel = maybe_close_channel
 
 
 # -- events ------------------------------------------------------------------

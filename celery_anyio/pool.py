@@ -65,6 +65,7 @@ class Pool(BasePool):  # type: ignore[misc]
                 self.hostname,
                 max_tasks_per_child=self.options.get("maxtasksperchild"),
                 max_memory_per_child=self.options.get("max_memory_per_child"),
+                after_callbacks=self._consumer.wake,
             )
         else:
             self._runtime = TaskRuntime(
@@ -137,7 +138,6 @@ class Pool(BasePool):  # type: ignore[misc]
             kwargs.setdefault("app", self.app)
         # Celery passes the Request's bound methods as callbacks, never the Request.
         request = getattr(accept_callback, "__self__", None)
-        self._consumer.route_acks(request)
         job = Job(
             target=target,
             args=args,

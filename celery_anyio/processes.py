@@ -95,13 +95,17 @@ class ProcessGroup:
         *,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
+        after_callbacks: Callable[[], None] = lambda: None,
     ) -> None:
+        """``after_callbacks`` runs after Celery's callbacks ran for the children's
+        messages (they queued acks on the hub: it wakes the hub to send them)."""
         self.app = app
         self.settings = settings
         self.hostname = hostname
         self.limit = concurrency
         self.max_tasks_per_child = max_tasks_per_child or 0
         self.max_memory_per_child = max_memory_per_child or None
+        self._after_callbacks = after_callbacks
         self._children: list[_Child] = [
             _Child(index, share) for index, share in enumerate(_shares(concurrency, processes))
         ]
@@ -219,6 +223,7 @@ class ProcessGroup:
                 return
             for message in child.frames.feed(data):
                 self._handle(child, message)
+        self._after_callbacks()
 
     def _on_writable(self, child: _Child) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ from kombu.asynchronous import Hub
 from kombu.message import Message
 
 from celery_anyio import TaskExceptionGroup, TaskExited
-from celery_anyio.consumer_thread import ConsumerThread
+from celery_anyio.consumer_thread import ConsumerThread, guard_prefetch_restore
 from celery_anyio.ipc import Frames, frame
 from celery_anyio.messages import protocol_problem
 from celery_anyio.outcomes import translate
@@ -126,24 +126,29 @@ def test_protocol_problems(body: Any, headers: dict[str, Any] | None, problem: s
 # -- consumer_thread ---------------------------------------------------------------
 
 
-def test_acks_from_other_threads_run_on_the_consumer_thread() -> None:
+def test_the_prefetch_restore_runs_on_the_consumer_thread() -> None:
     hub = Hub()
-    consumer = ConsumerThread()
-    consumer.register(hub)  # this thread is the consumer's
+    ConsumerThread().register(hub)  # this thread is the consumer's
     ran_on: list[str] = []
 
-    class Request:
-        def __init__(self) -> None:
-            self._on_ack = lambda *_: ran_on.append(threading.current_thread().name)
-            self._on_reject = self._on_ack
+    class Consumer:
+        """Where Celery keeps the restore it chains onto acks after a reconnect."""
 
-    request = Request()
-    consumer.route_acks(request)
-    request._on_ack("logger", ())  # on the consumer's thread: at once
-    worker = threading.Thread(target=request._on_reject, args=("l", (), True), name="loop")
-    worker.start()
-    worker.join()
-    assert ran_on == ["MainThread"]  # the loop thread's reject waits for the hub
+        def __init__(self) -> None:
+            self.hub = hub
+
+        def _restore_prefetch_count_after_connection_restart(self, promise: Any) -> None:
+            ran_on.append(threading.current_thread().name)
+
+    guard_prefetch_restore(Consumer)
+    consumer = Consumer()
+    consumer._restore_prefetch_count_after_connection_restart(None)  # here: at once
+    loop = threading.Thread(
+        target=consumer._restore_prefetch_count_after_connection_restart, args=(None,), name="loop"
+    )
+    loop.start()
+    loop.join()
+    assert ran_on == ["MainThread"]  # the loop thread's call waits for the hub
     for callback in hub._pop_ready():
         callback()
     assert ran_on == ["MainThread", "MainThread"]
@@ -164,3 +169,26 @@ def test_frames_survive_any_cut_of_the_stream() -> None:
             for m in frames.feed(stream[start : start + step])
         ]
         assert got == messages
+
+
+# -- patches: reconnect --------------------------------------------------------------
+
+
+def test_closing_a_lost_channel_that_raises_attribute_error_lets_the_consumer_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kombu import Connection
+
+    from celery_anyio.patches import tolerate_closing_a_lost_channel
+
+    tolerate_closing_a_lost_channel()
+    connection = Connection("memory://")
+    channel = connection.channel()
+
+    def close() -> None:  # what kombu's Redis channel does on a cleared transport
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    channel.close = close  # type: ignore[method-assign]
+    connection.maybe_close_channel(channel)  # no "Unrecoverable error"
+    assert "kombu#582" in caplog.text
+    connection.release()
