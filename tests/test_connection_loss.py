@@ -1,0 +1,100 @@
+"""A lost broker connection: acks and QoS stay on the consumer's thread, queued jobs
+are dropped (the broker delivers them again) instead of running twice.
+
+The worker reaches RabbitMQ through a TCP proxy that cuts every connection, so
+the shared broker itself is never restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+import redis
+
+from .ackwatch import ENV
+from .faults.proxy import Proxy
+from .harness import (
+    Client,
+    Namespace,
+    PoolBackend,
+    Worker,
+    key,
+    pool_args,
+    send,
+    tallies,
+    wait_for_log,
+)
+
+pytestmark = [pytest.mark.worker, pytest.mark.parametrize("broker", ["rabbitmq"], scope="session")]
+
+CONCURRENCY = 5
+TASKS = 30
+
+
+@pytest.fixture
+def proxied(
+    namespace: Namespace, pool_backend: PoolBackend, monkeypatch: pytest.MonkeyPatch, run_id: str
+) -> Iterator[tuple[Client, Worker, Proxy, str]]:
+    url = urlparse(namespace.broker_url)
+    proxy = Proxy(run_id, url.port or 5672)
+    proxy.start()
+    try:
+        via_proxy = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        worker_side = dataclasses.replace(namespace, broker_url=via_proxy.geturl())
+        tally = key()
+        monkeypatch.setenv(ENV, tally)
+        queue = namespace.queue(f"cut-{pool_backend.tag}-{time.monotonic_ns()}")
+        args = [
+            *pool_args(pool_backend), "-c", str(CONCURRENCY),
+            "--prefetch-multiplier", str(TASKS // CONCURRENCY),
+        ]  # fmt: skip
+        with Worker(worker_side, queue, args, app_module="tests.limitsapp") as worker:
+            client = namespace.client(queue)  # publishes straight to the broker
+            try:
+                yield client, worker, proxy, tally
+            finally:
+                client.close()
+    finally:
+        proxy.close()
+
+
+def _counts(client: Client, tally: str) -> dict[str, int]:
+    store = redis.Redis.from_url(client.app.conf.result_backend)
+    return {k.decode(): int(v) for k, v in store.hgetall(tally).items()}
+
+
+def test_after_a_cut_queued_jobs_run_once_and_qos_stays_on_the_consumer_thread(
+    proxied: tuple[Client, Worker, Proxy, str],
+) -> None:
+    client, worker, proxy, tally = proxied
+    k = key()
+    results = [send(client, "late_counted", k, str(i), 2.0) for i in range(TASKS)]
+    deadline = time.monotonic() + 30
+    while len(_started(client, k)) < CONCURRENCY:  # -c slots busy, the rest queued in the pool
+        assert time.monotonic() < deadline, tallies(client, k)
+        time.sleep(0.05)
+    running_at_cut = _started(client, k)
+    proxy.cut()
+    wait_for_log(worker, r"celery_anyio: \d+ queued tasks not started", timeout=30)
+    time.sleep(1)
+    proxy.restore()
+    assert sorted(r.get(timeout=120) for r in results) == sorted(str(i) for i in range(TASKS))
+    starts = _started(client, k)
+    # Running at the cut: their acks were lost with the connection, so they run again.
+    # Queued at the cut: dropped, delivered again, run once.
+    assert {m: n for m, n in starts.items() if m not in running_at_cut and n != 1} == {}
+    # After the reconnect Celery restores the prefetch count with a basic_qos chained
+    # onto acks that the loop thread triggers: it must still run on the consumer thread.
+    counts = _counts(client, tally)
+    assert counts.get("basic_qos:consumer", 0) >= 3, counts  # start, reconnect, restore
+    assert not {name: n for name, n in counts.items() if name.endswith(":other")}, counts
+    more = [send(client, "counted", key(), str(i), 0.01) for i in range(20)]
+    assert [r.get(timeout=30) for r in more] == [str(i) for i in range(20)]
+
+
+def _started(client: Client, k: str) -> dict[str, int]:
+    return {m: n for m, n in tallies(client, k, timeout=0).items() if m.startswith("started:")}
