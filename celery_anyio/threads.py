@@ -39,6 +39,7 @@ class ThreadSlot:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ident: int | None = None
+        self._interrupted = False
         self.thread_name: str | None = None
         self.finished = False
 
@@ -61,7 +62,8 @@ class ThreadSlot:
                 with self._lock:
                     self._ident = None
                     self.finished = True
-                    _set_async_exc(threading.get_ident(), None)  # drop one not yet raised
+                    if self._interrupted:
+                        _drop_pending(threading.get_ident())
         except BaseException as exc:  # noqa: BLE001 - an interrupt that landed after the call
             return outcome.Error(exc)
 
@@ -70,9 +72,34 @@ class ThreadSlot:
         with self._lock:
             if self._ident is None:
                 return False
+            self._interrupted = True
             return _set_async_exc(self._ident, exc_type)
 
 
-def _set_async_exc(ident: int, exc_type: type[BaseException] | None) -> bool:
-    exc = ctypes.py_object(exc_type) if exc_type is not None else None
-    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc))
+class _Dropped(BaseException):
+    """Replaces an interrupt that came too late, and is caught at once."""
+
+
+def _drop_pending(ident: int) -> None:
+    """Drop an exception not yet raised in this (``ident``) thread.
+
+    Clearing it with ``PyThreadState_SetAsyncExc(id, NULL)`` would leave the
+    interpreter's "async exception pending" flag set with nothing to raise
+    (CPython only clears the flag when it raises one), and every thread would
+    then take the interpreter's slow path at every instruction.  So replace it
+    with :class:`_Dropped`, which the next instruction raises, and catch that.
+    """
+    try:
+        _set_async_exc(ident, _Dropped)
+        while True:  # the next check for pending work raises it
+            pass
+    except _Dropped:
+        pass
+
+
+def _set_async_exc(ident: int, exc_type: type[BaseException]) -> bool:
+    return bool(
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(ident), ctypes.py_object(exc_type)
+        )
+    )
