@@ -89,7 +89,7 @@ def guard_prefetch_restore(consumer_cls: Any) -> None:
 
     @wraps(stock)
     def restore(self: Any, *args: Any, **kwargs: Any) -> Any:
-        hub = getattr(self, "hub", None)
+        hub: Any = getattr(self, "hub", None)
         owner = _hub_thread(hub) if hub is not None else None
         if owner is not None and threading.get_ident() != owner:
             hub.call_soon(partial(stock, self, *args, **kwargs))

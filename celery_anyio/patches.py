@@ -53,7 +53,8 @@ the pool from starting:
 ``reconnect``
     Let the consumer reconnect when kombu's Redis transport raises
     ``AttributeError`` while Celery closes the lost connection (kombu#582):
-    ``Connection.maybe_close_channel`` treats it as a connection error.
+    ``Connection.maybe_close_channel`` treats it as a connection error, and so do
+    ``Message.ack_log_error``/``reject_log_error`` for a message of a closed channel.
 ``signals``
     Let ``async def`` receivers of Celery's signals be awaited (see
     :mod:`celery_anyio.receivers`): ``Signal._live_receivers`` hands ``send`` a
@@ -151,7 +152,7 @@ def patch_request_stacks(app: Any) -> None:
     """Make the task stack and every task's request stack job-aware."""
     if not enabled("stacks"):
         return
-    stacks: list[Any] = [_state._task_stack]
+    stacks: list[Any] = [_state._task_stack]  # type: ignore[attr-defined]  # private: no stub
     stacks.extend(task.request_stack for task in app.tasks.values())
     for stack in stacks:
         _patch_stack(stack)
@@ -191,7 +192,7 @@ def install_app_hooks() -> None:
     """Wrap async tasks of every app once it is finalized, and before any eager run."""
     if not enabled("tasks"):
         return
-    for app in list(_state._get_active_apps()):
+    for app in list(_state._get_active_apps()):  # type: ignore[attr-defined]  # private: no stub
         if app.finalized:
             _prepare_for_eager(app)
         else:
@@ -213,12 +214,12 @@ def _wrap_before_eager_apply() -> None:
 
     def apply(self: Any, *args: Any, **kwargs: Any) -> Any:
         if wrap_run(self) and enabled("stacks"):
-            _patch_stack(_state._task_stack)
+            _patch_stack(_state._task_stack)  # type: ignore[attr-defined]  # private: no stub
             _patch_stack(self.request_stack)
         return stock(self, *args, **kwargs)
 
     apply._celery_anyio_patched = True  # type: ignore[attr-defined]
-    Task.apply = apply
+    Task.apply = apply  # type: ignore[method-assign]  # the patch
 
 
 def _wrap_after_finalize(app: Any) -> None:
@@ -258,9 +259,9 @@ def patch_worker_cli(backends: Iterable[str]) -> None:
             value = _import_pool(value, lambda message: self.fail(message, param, ctx))
         return stock_convert(self, value, param, ctx)
 
-    pool_type.convert = convert
-    pool_type._celery_anyio_patched = True
-    concurrency.ALIASES.setdefault("anyio", "celery_anyio:Pool")
+    pool_type.convert = convert  # type: ignore[method-assign]  # the patch
+    pool_type._celery_anyio_patched = True  # type: ignore[attr-defined]  # our own mark
+    concurrency.ALIASES.setdefault("anyio", "celery_anyio:Pool")  # type: ignore[attr-defined]  # no stub
     choices = list(worker_cli.WORKERS_POOL.choices)
     if "anyio" not in choices:
         worker_cli.WORKERS_POOL.choices = (*choices, "anyio")
@@ -315,7 +316,7 @@ def _import_pool(path: str, fail: Any) -> Any:
     from kombu.utils.imports import symbol_by_name
 
     try:
-        pool = symbol_by_name(path)  # type: ignore[no-untyped-call]
+        pool = symbol_by_name(path)
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
         fail(f"cannot import pool {path!r}: {exc!r}")
     if not (isinstance(pool, type) and issubclass(pool, BasePool)):
@@ -400,7 +401,7 @@ def install_async_receivers() -> None:
         return
     from celery.utils.dispatch.signal import Signal
 
-    stock = Signal._live_receivers
+    stock = Signal._live_receivers  # type: ignore[attr-defined]  # private: no stub
     if getattr(stock, "_celery_anyio_patched", False):
         return
 
@@ -413,7 +414,7 @@ def install_async_receivers() -> None:
         return [sync_stand_in(r) if is_async_receiver(r) else r for r in receivers]
 
     _live_receivers._celery_anyio_patched = True  # type: ignore[attr-defined]
-    Signal._live_receivers = _live_receivers
+    Signal._live_receivers = _live_receivers  # type: ignore[attr-defined]  # private: no stub
 
 
 # -- messages ----------------------------------------------------------------
@@ -435,7 +436,7 @@ def guard_task_messages() -> None:
         return guard_task_handler(self, stock(self, *args, **kwargs))
 
     create_task_handler._celery_anyio_patched = True  # type: ignore[attr-defined]
-    Consumer.create_task_handler = create_task_handler
+    Consumer.create_task_handler = create_task_handler  # type: ignore[method-assign]  # the patch
 
 
 # -- prefetch ----------------------------------------------------------------
@@ -489,7 +490,28 @@ def tolerate_closing_a_lost_channel() -> None:
             )
 
     maybe_close_channel._celery_anyio_patched = True  # type: ignore[attr-defined]
-    Connection.maybe_close_channel = maybe_close_channel
+    Connection.maybe_close_channel = maybe_close_channel  # type: ignore[method-assign]  # the patch
+    _acks_of_a_lost_channel_are_connection_errors()
+
+
+def _acks_of_a_lost_channel_are_connection_errors() -> None:
+    """An ack (or reject) that reaches a closed channel after the connection was lost
+    fails the same way inside kombu's Redis transport; Celery's ``ack_log_error``
+    logs connection errors ("Couldn't ack") and goes on: so does this."""
+    from kombu.message import Message
+
+    for name in ("ack_log_error", "reject_log_error"):
+        stock = getattr(Message, name)
+        if getattr(stock, "_celery_anyio_patched", False):
+            continue
+
+        def logged(self: Any, logger: Any, errors: Any, *args: Any, _stock: Any = stock) -> Any:
+            closed = getattr(getattr(self, "channel", None), "closed", False)
+            return _stock(self, logger, (*errors, AttributeError) if closed else errors, *args)
+
+        logged.__name__ = name
+        logged._celery_anyio_patched = True  # type: ignore[attr-defined]
+        setattr(Message, name, logged)
 
 
 # -- events ------------------------------------------------------------------
@@ -527,6 +549,6 @@ def lock_event_dispatcher() -> None:
             return stock_flush(self, *args, **kwargs)
 
     send._celery_anyio_patched = True  # type: ignore[attr-defined]
-    EventDispatcher.__init__ = __init__
-    EventDispatcher.send = send
-    EventDispatcher.flush = flush
+    EventDispatcher.__init__ = __init__  # type: ignore[method-assign]  # the patch
+    EventDispatcher.send = send  # type: ignore[method-assign]  # the patch
+    EventDispatcher.flush = flush  # type: ignore[method-assign]  # the patch

@@ -98,7 +98,7 @@ def test_settings_defaults_and_checks() -> None:
 
 def _message(body: Any, headers: dict[str, Any] | None) -> Message:
     return Message(
-        body=json.dumps(body).encode(),
+        body=json.dumps(body).encode(),  # type: ignore[arg-type]  # kombu-stubs: str only
         content_type="application/json",
         content_encoding="utf-8",
         headers=headers or {},
@@ -149,7 +149,7 @@ def test_the_prefetch_restore_runs_on_the_consumer_thread() -> None:
     loop.start()
     loop.join()
     assert ran_on == ["MainThread"]  # the loop thread's call waits for the hub
-    for callback in hub._pop_ready():
+    for callback in hub._pop_ready():  # type: ignore[union-attr]  # kombu-stubs: one callback
         callback()
     assert ran_on == ["MainThread", "MainThread"]
     hub.close()
@@ -188,7 +188,33 @@ def test_closing_a_lost_channel_that_raises_attribute_error_lets_the_consumer_go
     def close() -> None:  # what kombu's Redis channel does on a cleared transport
         raise AttributeError("'NoneType' object has no attribute 'hostname'")
 
-    channel.close = close  # type: ignore[method-assign]
+    channel.close = close  # type: ignore[attr-defined]  # kombu-stubs: StdChannel has none
     connection.maybe_close_channel(channel)  # no "Unrecoverable error"
     assert "kombu#582" in caplog.text
+    connection.release()
+
+
+def test_an_ack_on_a_lost_channel_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from kombu import Connection
+
+    from celery_anyio.patches import tolerate_closing_a_lost_channel
+
+    tolerate_closing_a_lost_channel()
+    connection = Connection("memory://")
+    channel = connection.channel()
+    message = Message(body=b"x", channel=channel, delivery_tag=1)
+
+    def ack(*_: Any, **__: Any) -> None:  # kombu's Redis channel on a cleared transport
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    channel.basic_ack = ack  # type: ignore[method-assign]
+    channel.closed = True
+    message.ack_log_error(logging.getLogger("test"), connection.connection_errors)
+    assert "Couldn't ack" in caplog.text
+    channel.closed = False  # an open channel's AttributeError is a bug: it propagates
+    message._state = "RECEIVED"
+    with pytest.raises(AttributeError):
+        message.ack_log_error(logging.getLogger("test"), connection.connection_errors)
     connection.release()
