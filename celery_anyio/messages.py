@@ -42,6 +42,14 @@ def guard_task_handler(consumer: Any, handler: Callable[[Any], Any]) -> Callable
     transport_errors = (*consumer.connection_errors, *consumer.channel_errors)
 
     def on_task_received(message: Any) -> Any:
+        headers = getattr(message, "headers", None)
+        if not (isinstance(headers, dict) and "task" in headers):
+            # Not protocol 2: Celery would drop a message that is not protocol 1
+            # either with a mere warning ("Wrong destination?!?").
+            problem = protocol_problem(message)
+            if problem is not None:
+                reject_malformed(consumer, message, InvalidTaskError(problem))
+                return None
         try:
             return handler(message)
         except PoolNotRunning:
@@ -94,7 +102,7 @@ def reject_malformed(
 ) -> None:
     """Log and reject ``message`` the way Celery rejects an invalid task."""
     task_id, name = _identity(message)
-    detail = f"{type(exc).__name__}: {exc}"
+    detail = str(exc) if isinstance(exc, InvalidTaskError) else f"{type(exc).__name__}: {exc}"
     error = InvalidTaskError(
         f"celery_anyio: task message {name or '?'}[{task_id or '?'}] is malformed: "
         f"{detail}" + (f" ({problem})" if problem else "")

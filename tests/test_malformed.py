@@ -52,27 +52,35 @@ def _publish(client: Client, queue: str, body: bytes, headers: dict[str, Any] | 
 
 def _headers(task_id: str | None) -> dict[str, Any]:
     headers: dict[str, Any] = {"lang": "py", "task": ADD, "argsrepr": "", "kwargsrepr": ""}
+    if task_id == "":  # no task header at all (Celery drops it with a mere warning)
+        return {"lang": "py", "id": str(uuid.uuid4())}
     if task_id is not None:
         headers.update(id=task_id, root_id=task_id)
     return headers
 
 
 @pytest.mark.parametrize(
-    ("body", "with_id", "problem"),
+    ("body", "with_id", "problem"),  # with_id None: no task header either
     [
         (b"{}", True, "ValueError"),
         (b"[1]", True, "ValueError"),
         (json.dumps([[1, 2], {}, {}]).encode(), False, "KeyError: 'id'"),
+        (json.dumps([[1, 2], {}, {}]).encode(), None, "no task name"),
     ],
-    ids=["json-object", "short-list", "no-id-header"],
+    ids=["json-object", "short-list", "no-id-header", "no-task-header"],
 )
 def test_malformed_message_is_rejected_and_the_worker_goes_on(
-    client: Client, worker: Worker, body: bytes, with_id: bool, problem: str
+    client: Client, worker: Worker, body: bytes, with_id: bool | None, problem: str
 ) -> None:
     task_id = str(uuid.uuid4()) if with_id else None
-    _publish(client, worker.queue, body, _headers(task_id))
-    shown = re.escape(task_id or "?")
-    found = wait_for_log(worker, rf"task message {ADD}\[{shown}\] is malformed: (.*)")
+    if with_id is None:  # no task header: the message names no task
+        _publish(client, worker.queue, body, _headers(""))
+        found = wait_for_log(worker, r"ERROR.*task message \?\[\S+\] is malformed: (.*)")
+        task_id = None
+    else:
+        _publish(client, worker.queue, body, _headers(task_id))
+        shown = re.escape(task_id or "?")
+        found = wait_for_log(worker, rf"task message {ADD}\[{shown}\] is malformed: (.*)")
     assert problem in found.group(1)
     if task_id is not None:  # a client waiting on it gets the error, not silence
         result = client.app.AsyncResult(task_id)
