@@ -26,8 +26,9 @@ DEFAULT_BACKEND = "asyncio"
 # contend for the GIL with the loop.
 THREAD_CAP = 40
 DEFAULT_BLOCK_WARNING = 0.1
-# More result threads only contend for the GIL with the consumer (docs/design.md).
-DEFAULT_RESULT_THREADS = 1
+# One store at a time is a queue that every async task's ack waits in when the
+# consumer keeps the GIL busy (RabbitMQ); idle threads cost nothing.
+DEFAULT_RESULT_THREADS = 4
 
 
 class SettingError(ValueError):

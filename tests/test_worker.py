@@ -112,7 +112,7 @@ def test_inspect_stats_shows_the_pool(
     assert pool["backend"] == pool_backend
     assert pool["max-concurrency"] == 200
     assert len(pool["processes"]) == pool_backend.processes  # celery-exporter counts them
-    assert pool["result-threads"] == pool_backend.processes
+    assert pool["result-threads"] == 4 * pool_backend.processes
 
 
 def test_no_errors_in_worker_log(client: Client, worker: Worker) -> None:

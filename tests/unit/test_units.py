@@ -78,7 +78,7 @@ async def test_a_cancellation_in_a_group_is_left_alone(anyio_backend: Any) -> No
 
 def test_settings_defaults_and_checks() -> None:
     settings = PoolSettings.from_conf({})
-    assert (settings.backend, settings.processes, settings.result_threads) == ("asyncio", 1, 1)
+    assert (settings.backend, settings.processes, settings.result_threads) == ("asyncio", 1, 4)
     assert settings.threads_for(500) == 40 and settings.threads_for(3) == 3
     assert PoolSettings.from_conf({"worker_anyio_thread_limit": 7}).threads_for(500) == 7
     for bad in (
@@ -204,17 +204,18 @@ def test_an_ack_on_a_lost_channel_is_logged_not_raised(caplog: pytest.LogCapture
     tolerate_closing_a_lost_channel()
     connection = Connection("memory://")
     channel = connection.channel()
-    message = Message(body=b"x", channel=channel, delivery_tag=1)
+    message = Message(body=b"x", channel=channel, delivery_tag=1)  # type: ignore[arg-type]  # stubs: str
 
     def ack(*_: Any, **__: Any) -> None:  # kombu's Redis channel on a cleared transport
         raise AttributeError("'NoneType' object has no attribute 'hostname'")
 
-    channel.basic_ack = ack  # type: ignore[method-assign]
-    channel.closed = True
+    # kombu-stubs type the channel as the abstract StdChannel, without these.
+    channel.basic_ack = ack  # type: ignore[attr-defined]
+    channel.closed = True  # type: ignore[attr-defined]
     message.ack_log_error(logging.getLogger("test"), connection.connection_errors)
     assert "Couldn't ack" in caplog.text
-    channel.closed = False  # an open channel's AttributeError is a bug: it propagates
-    message._state = "RECEIVED"
+    channel.closed = False  # type: ignore[attr-defined]  # an open channel's AttributeError is a bug: it propagates
+    message._state = "RECEIVED"  # type: ignore[attr-defined]  # private: no stub
     with pytest.raises(AttributeError):
         message.ack_log_error(logging.getLogger("test"), connection.connection_errors)
     connection.release()
