@@ -67,7 +67,7 @@ _limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
 )
 
 
-class UnsupportedResultBackend(ImproperlyConfigured):  # type: ignore[misc]
+class UnsupportedResultBackend(ImproperlyConfigured):
     """The result backend cannot be polled from a worker thread (``rpc://``)."""
 
 
@@ -117,9 +117,11 @@ async def asend_task(
     args: Sequence[Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> AsyncResult:
+) -> AsyncResult[Any]:
     """``app.send_task(name, args, kwargs, **options)`` off the loop."""
-    return await _publish(functools.partial(app.send_task, name, args, kwargs, **options))
+    # celery-types asks for a dict of keyword arguments; send_task takes any mapping.
+    send = functools.partial(app.send_task, name, args, kwargs, **options)  # type: ignore[arg-type]
+    return await _publish(send)
 
 
 async def _publish(send: Callable[[], T]) -> T:
@@ -170,7 +172,7 @@ async def _poll(func: Callable[[], T]) -> T:
 
 def _check_pollable(result: Any) -> None:
     if isinstance(result, ResultSet):
-        for member in result.results:
+        for member in result.results:  # type: ignore[union-attr]  # a list, never None here
             _check_pollable(member)
         return
     if isinstance(result, EagerResult):
@@ -195,7 +197,7 @@ def _look(result: Any, propagate: bool, follow_parents: bool) -> bool:
     """
     if isinstance(result, ResultSet):
         ready = True
-        for member in result.results:
+        for member in result.results:  # type: ignore[union-attr]  # a list, never None here
             if not _look(member, propagate, follow_parents=True):
                 ready = False
                 if not propagate:
@@ -230,7 +232,8 @@ def _collect(result: Any, propagate: bool, follow_parents: bool) -> Any:
     if isinstance(result, ResultSet):
         # What ResultSet.join() returns, member by member, without
         # join_native(), which would drive the Redis pub/sub consumer.
-        return [_collect(member, propagate, follow_parents=True) for member in result.results]
+        members = result.results  # a list, never None here (celery-types: list | None)
+        return [_collect(member, propagate, follow_parents=True) for member in members]  # type: ignore[union-attr]
     return result.get(
         propagate=propagate, follow_parents=follow_parents, disable_sync_subtasks=False
     )

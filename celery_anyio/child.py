@@ -21,7 +21,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from billiard.compat import mem_rss
@@ -36,7 +36,7 @@ from .settings import PoolSettings
 
 logger = logging.getLogger(__name__)
 
-TARGETS = {
+TARGETS: dict[str, Callable[..., Any]] = {
     "fast_trace_task": celery_trace.fast_trace_task,
     "trace_task_ret": celery_trace.trace_task_ret,
 }
@@ -64,7 +64,7 @@ def run_child(
     """The child's whole life; returns its exit code."""
     for other in siblings:  # the main process's ends of the other children's sockets
         other.close()
-    process_initializer(app, hostname)
+    process_initializer(app, hostname)  # type: ignore[arg-type]  # celery-types: None is fine
     child = _Child(app, sock, settings, concurrency, max_memory_per_child)
     exitcode = 0
     try:
@@ -195,7 +195,7 @@ def _picklable_part(part: Any) -> Any:
 
         exception = getattr(part.exception, "exc", part.exception)
         try:
-            raise get_pickleable_exception(exception)
+            raise get_pickleable_exception(exception)  # type: ignore[arg-type]  # takes any
         except BaseException:  # noqa: BLE001 - captured again, picklable this time
             safe = ExceptionInfo(internal=part.internal)
         safe.traceback = part.traceback  # the original's, as text

@@ -18,7 +18,7 @@ from ._backends import BACKENDS
 patches.patch_worker_cli(BACKENDS)
 
 
-@signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+@signals.worker_init.connect(weak=False)
 def _wrap_tasks_in_any_worker(sender: Any = None, **_: Any) -> None:
     """Under prefork/threads/solo too, so an async task fails instead of no-op."""
     app = getattr(sender, "app", None)

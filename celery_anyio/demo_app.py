@@ -28,7 +28,7 @@ app.conf.update(
 )
 
 
-@app.task(bind=True)  # type: ignore[untyped-decorator]
+@app.task(bind=True)
 async def fetch(self: object, n: int, seconds: float) -> dict[str, object]:
     """Stand-in for an HTTP call: wait on the event loop, then report who we were."""
     await anyio.sleep(seconds * (0.5 + random.random()))

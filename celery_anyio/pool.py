@@ -20,6 +20,7 @@ from celery.worker import state as worker_state
 
 from . import patches
 from .consumer_thread import ConsumerThread
+from .django_tasks import DjangoTasks
 from .jobs import Job
 from .messages import PoolNotRunning
 from .processes import ProcessGroup
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 TERMINATE_GRACE_SECONDS = 10.0
 
 
-class Pool(BasePool):  # type: ignore[misc]
+class Pool(BasePool):
     """Runs ``async def`` tasks concurrently on AnyIO event loops.
 
     One loop in the worker process (``--processes 1``, the default), or one in
@@ -53,6 +54,9 @@ class Pool(BasePool):  # type: ignore[misc]
         self.default_soft_timeout = self.options.get("soft_timeout")
         self.default_timeout = self.options.get("timeout")
         self.hostname: str | None = (self.options.get("initargs") or (None, None))[1]
+        django = DjangoTasks.of(self.app)
+        if django is not None:  # in the worker process, before any task process starts
+            django.check(self.app, self.backend, self.settings.result_threads)
         self._consumer = ConsumerThread()
         self._runtime: TaskRuntime | None = None
         self._group: ProcessGroup | None = None
@@ -118,7 +122,8 @@ class Pool(BasePool):  # type: ignore[misc]
 
     # -- work -----------------------------------------------------------------
 
-    def on_apply(
+    # celery-types declares on_apply(*args, **kwargs); Celery passes apply_async's keywords.
+    def on_apply(  # type: ignore[override]
         self,
         target: Any,
         args: tuple[Any, ...] | None = None,
@@ -265,7 +270,7 @@ class Pool(BasePool):  # type: ignore[misc]
         return self.limit
 
     def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super()._get_info()
+        info: dict[str, Any] = super()._get_info()  # type: ignore[misc]  # no stub
         info["timeouts"] = [self.default_soft_timeout, self.default_timeout]
         if self._group is not None:
             info.update(self._group.info())

@@ -145,7 +145,7 @@ class ProcessGroup:
         ours, theirs = socket.socketpair()
         siblings = [c.sock for c in self._children if c.sock is not None and c is not child]
         context = billiard.get_context("fork")
-        process = context.Process(
+        process = context.Process(  # type: ignore[attr-defined]  # billiard-stubs: BaseContext
             target=_child_entry,
             args=(
                 self.app,
@@ -554,7 +554,8 @@ def _shares(concurrency: int, processes: int) -> list[int]:
 def _worker_lost(exitcode: int | None, job: Job) -> ExceptionInfo:
     """What prefork reports for a job whose process died under it."""
     try:
-        raise WorkerLostError(f"Worker exited prematurely: {human_status(exitcode)} Job: {job.id}.")
+        status = human_status(exitcode)  # type: ignore[arg-type]  # celery-types: None is fine
+        raise WorkerLostError(f"Worker exited prematurely: {status} Job: {job.id}.")
     except WorkerLostError:
         return ExceptionInfo()
 

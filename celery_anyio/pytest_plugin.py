@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from celery import _state
@@ -138,7 +138,7 @@ def start_anyio_worker(
                 worker = stack.enter_context(
                     start_worker(
                         app,
-                        pool=Pool,
+                        pool=Pool,  # type: ignore[arg-type]  # celery-types: a name or a class
                         concurrency=concurrency,
                         shutdown_timeout=shutdown_timeout,
                         WorkController=_WorkController,
@@ -151,12 +151,16 @@ def start_anyio_worker(
                 f"the celery_anyio worker for app {app.main!r} on {anyio_backend!r} "
                 f"(broker {_broker_uri(app)}) did not start: {exc!r}"
             ) from exc
-        stack.callback(_wake_for_stop, app, worker)
+        stack.callback(_wake_for_stop, app, cast("_WorkController", worker))
         yield worker
 
 
-class _WorkController(TestWorkController):  # type: ignore[misc]
+class _WorkController(TestWorkController):
     """Celery's test worker, failing instead of waiting forever to be ready."""
+
+    # Set by Celery's WorkController and TestWorkController; not in celery-types.
+    hostname: str
+    _on_started: threading.Event
 
     def __init__(
         self, *args: Any, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT, **kwargs: Any
@@ -196,7 +200,7 @@ class _WorkController(TestWorkController):  # type: ignore[misc]
             raise RuntimeError(f"the worker stopped before it was ready ({self.start_error!r})")
 
     def _abandon(self) -> None:
-        worker_state.should_terminate = 0
+        worker_state.should_terminate = 0  # type: ignore[assignment]  # celery-types: None only
         if self.thread is not None:
             self.thread.join(DEFAULT_SHUTDOWN_TIMEOUT)
         worker_state.should_terminate = None
@@ -210,7 +214,7 @@ def _wake_for_stop(app: Any, worker: _WorkController) -> None:
     in the worker's thread at once.  ``should_terminate`` (what ``start_worker``
     sets next anyway) makes the pool cancel running tasks, not wait for them.
     """
-    worker_state.should_terminate = 0
+    worker_state.should_terminate = 0  # type: ignore[assignment]  # celery-types: None only
     if worker.thread is None or not worker.thread.is_alive():
         return
     if not app.conf.worker_enable_remote_control:
@@ -261,12 +265,13 @@ def _settings(conf: Any, values: Mapping[str, Any]) -> Iterator[None]:
 @contextlib.contextmanager
 def _app_state_restored() -> Iterator[None]:
     """``start_worker`` makes the app current and default: undo that after."""
-    default_app, current_app = _state.default_app, _state._tls.current_app
+    # Private parts of celery._state: not in celery-types.
+    default_app, current_app = _state.default_app, _state._tls.current_app  # type: ignore[attr-defined]
     try:
         yield
     finally:
         _state.set_default_app(default_app)
-        _state._set_current_app(current_app)
+        _state._set_current_app(current_app)  # type: ignore[attr-defined]  # private: no stub
 
 
 @contextlib.contextmanager

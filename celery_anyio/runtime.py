@@ -42,8 +42,6 @@ class TaskRuntime:
         self.settings = settings
         self.backend = settings.backend
         django = DjangoTasks.of(app)
-        if django is not None:
-            django.check(app, self.backend, settings.result_threads)
         self.runner = JobRunner(
             concurrency,
             settings.threads_for(concurrency),

@@ -66,7 +66,7 @@ def load(configured: Any, app: Any) -> Callable[[], AbstractAsyncContextManager[
     """The configured lifespan (a callable or its import path) as a factory, or None."""
     if not configured:
         return None
-    func = symbol_by_name(configured) if isinstance(configured, str) else configured  # type: ignore[no-untyped-call]
+    func = symbol_by_name(configured) if isinstance(configured, str) else configured
     if not callable(func):
         raise TypeError(f"{LIFESPAN_SETTING} must name a callable, got {func!r}")
     if inspect.isasyncgenfunction(func):
