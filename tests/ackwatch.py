@@ -21,7 +21,7 @@ ENV = "CELERY_ANYIO_TEST_ACKWATCH"
 METHODS = ("basic_ack", "basic_reject", "basic_qos")
 
 
-class WatchTaskChannel(bootsteps.StartStopStep):  # type: ignore[misc]
+class WatchTaskChannel(bootsteps.StartStopStep):
     """Wraps the task consumer's channel methods after each (re)connect."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)

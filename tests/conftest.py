@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from .harness import BROKERS, Client, Namespace, PoolBackend, Worker, broker_available, pool_args
+from .harness import (
+    BACKENDS,
+    BACKENDS_ENV,
+    BROKERS,
+    Client,
+    Namespace,
+    PoolBackend,
+    Worker,
+    broker_available,
+    pool_args,
+    selected_backends,
+)
 
-POOL_BACKENDS = ("asyncio", "trio")
+POOL_BACKENDS = BACKENDS
 PROCESSES = ("1", "2")
+
+# The in-process AnyIO tests' event loops, as AnyIO's own suite has them: asyncio in
+# debug mode (a coroutine never awaited, a callback from the wrong thread, an
+# exception nobody retrieved), also on uvloop, and trio. ``CELERY_ANYIO_BACKENDS``
+# picks backends by name, as it does for the worker tests ("asyncio": both loops).
+_UVLOOP_MARKS = (
+    [] if importlib.util.find_spec("uvloop") else [pytest.mark.skip(reason="uvloop not installed")]
+)
+ANYIO_BACKENDS = {
+    "asyncio": [
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param(
+            ("asyncio", {"debug": True, "use_uvloop": True}),
+            id="asyncio+uvloop",
+            marks=_UVLOOP_MARKS,
+        ),
+    ],
+    "trio": [pytest.param(("trio", {}), id="trio")],
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,6 +67,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    unknown = sorted(set(selected_backends()) - set(BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"{BACKENDS_ENV}: unknown AnyIO backend(s) {', '.join(unknown)}")
+
+
 def _selected(config: pytest.Config, option: str, env: str, default: tuple[str, ...]) -> list[str]:
     chosen = config.getoption(option) or [v for v in os.environ.get(env, "").split(",") if v]
     return list(chosen or default)
@@ -52,7 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         brokers = _selected(config, "--broker", "CELERY_ANYIO_BROKERS", tuple(sorted(BROKERS)))
         metafunc.parametrize("broker", brokers, scope="session")
     if "pool_backend" in metafunc.fixturenames:
-        backends = _selected(config, "--pool-backend", "CELERY_ANYIO_BACKENDS", POOL_BACKENDS)
+        backends = _selected(config, "--pool-backend", BACKENDS_ENV, POOL_BACKENDS)
         counts = _selected(config, "--processes", "CELERY_ANYIO_PROCESSES", PROCESSES)
         if metafunc.definition.get_closest_marker("single_process"):
             counts = [c for c in counts if c == "1"] or ["1"]
@@ -62,9 +101,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(
+    params=[p for name in BACKENDS if name in selected_backends() for p in ANYIO_BACKENDS[name]]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """The backend of each ``@pytest.mark.anyio`` test: ``(name, options)``.
+
+    Tests that need the name alone take AnyIO's ``anyio_backend_name`` fixture.
+    """
+    name, options = request.param
+    return str(name), dict(options)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_slow_callback_records() -> None:
+    """asyncio's debug mode logs each callback over 0.1 s: the tests that block the loop
+    on purpose (and read their own log records) need not see those lines."""
+
+    class SlowCallbacks(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.msg != "Executing %s took %.3f seconds"
+
+    logging.getLogger("asyncio").addFilter(SlowCallbacks())
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +31,16 @@ BROKERS = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}
 # Redis databases 1-15 are shared by concurrent test runs: each run picks one by
 # its id and also namespaces every queue, so runs never see each other's messages.
 RESULTS_DB_RANGE = range(1, 16)
+BACKENDS = ("asyncio", "trio")
+# Comma-separated AnyIO backend names: the worker tests' pool backends and the loops
+# of the in-process tests (each nox `tests` cell sets one). Unset: all of them.
+BACKENDS_ENV = "CELERY_ANYIO_BACKENDS"
+
+
+def selected_backends() -> list[str]:
+    """The AnyIO backends this run tests: those in ``$CELERY_ANYIO_BACKENDS``, else all."""
+    chosen = [name.strip() for name in os.environ.get(BACKENDS_ENV, "").split(",")]
+    return [name for name in chosen if name] or list(BACKENDS)
 
 
 class PoolBackend(str):
@@ -157,7 +168,7 @@ class Worker:
             "--without-mingle", "--without-gossip", *self.args,
         ]  # fmt: skip
 
-    def start(self) -> Worker:
+    def start(self) -> Self:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             self.command(),
@@ -218,6 +229,11 @@ class Worker:
 CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (redis-py types keys and values as either)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def send(client: Client, name: str, *args: Any, **options: Any) -> Any:
     return client.app.signature(f"tests.limitsapp.{name}", args=args).apply_async(**options)
 
@@ -227,7 +243,7 @@ def tallies(client: Client, key: str, expected: int = 0, timeout: float = 10) ->
     deadline = time.monotonic() + timeout
     while store.hlen(key) < expected and time.monotonic() < deadline:
         time.sleep(0.05)
-    return {k.decode(): int(v) for k, v in store.hgetall(key).items()}
+    return {text(k): int(v) for k, v in store.hgetall(key).items()}
 
 
 def wait_for_log(worker: Worker, pattern: str, timeout: float = 10) -> re.Match[str]:
@@ -261,3 +277,91 @@ def wait_for_state(result: Any, state: str, timeout: float = 5) -> float:
         time.sleep(0.02)
     assert result.state == state
     return time.monotonic() - started
+
+
+# What "at once" may take on a loaded machine (a revoke's REVOKED state, ...): well
+# above the tenths of a second it takes, still far below the tasks' own 30 s.
+PROMPT = 3.0
+
+
+def wait_for_count(client: Client, key: str, member: str, count: int, timeout: float = 10) -> int:
+    """Poll the tally ``member`` of ``key`` until it reaches ``count``; return it."""
+    deadline = time.monotonic() + timeout
+    while (seen := tallies(client, key, timeout=0).get(member, 0)) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{member} at {seen}, not {count}: {tallies(client, key, 0, 0)}")
+        time.sleep(0.02)
+    return seen
+
+
+def wait_until_done(client: Client, worker: Worker, task_id: str, timeout: float = 10) -> None:
+    """Wait until ``worker`` holds ``task_id`` no more, neither running nor reserved.
+
+    Call it once the task is known to have reached the worker (a log line, a
+    tally): from then on, nothing more of that task can happen.
+    """
+    inspect = client.app.control.inspect(timeout=2, destination=[worker.node])
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [
+            request
+            for replies in (inspect.active() or {}, inspect.reserved() or {})
+            for request in replies.get(worker.node, [])
+            if request["id"] == task_id
+        ]
+        if not held:
+            return
+        assert time.monotonic() < deadline, f"the worker still holds {task_id}: {held}"
+        time.sleep(0.05)
+
+
+class EventLog:
+    """The task events on ``client``'s broker, captured in a thread, as Flower would.
+
+    Entering it waits for the events of a probe task: only then is the receiver
+    known to be listening (on Redis it subscribes at its first poll) and the
+    worker to send task events.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.events: list[dict[str, Any]] = []
+        self._ready = threading.Event()
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10), "the event receiver did not start"
+        deadline = time.monotonic() + 30
+        while True:
+            probe = self.client.sig("add", 0, 0).apply_async()
+            assert probe.get(timeout=30) == 0
+            if self.wait_for(probe.id, "task-succeeded", timeout=2):
+                return self
+            assert time.monotonic() < deadline, "no task events arrived"
+
+    def __exit__(self, *_: object) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(15)
+
+    def _listen(self) -> None:
+        with self.client.app.connection_for_read() as conn:
+            self._receiver = self.client.app.events.Receiver(
+                conn, handlers={"*": self.events.append}
+            )
+            self._ready.set()
+            for _ in self._receiver.itercapture(limit=None, timeout=None, wakeup=False):
+                pass
+
+    def types(self, task_id: str) -> list[str]:
+        return [e["type"] for e in list(self.events) if e.get("uuid") == task_id]
+
+    def wait_for(self, task_id: str, event_type: str, timeout: float = 10) -> bool:
+        """Whether ``task_id``'s ``event_type`` arrived within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while event_type not in self.types(task_id):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True

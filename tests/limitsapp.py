@@ -56,11 +56,18 @@ def sync_soft_cleanup(key: str) -> str:
 
 @app.task
 def sync_stuck(key: str, seconds: float) -> str:
-    """Blocks in one C call, so only the reported state can be on time."""
-    _tally(key, "started")
-    time.sleep(seconds)
-    _tally(key, "returned")  # never runs: the thread is interrupted on return
-    return "finished"
+    """Blocks in one C call, so only the reported state can be on time.
+
+    ``unwound`` is counted when the call returns, interrupted or not: from then
+    on ``returned`` either was counted or never will be.
+    """
+    try:
+        _tally(key, "started")
+        time.sleep(seconds)
+        _tally(key, "returned")  # never runs: the thread is interrupted on return
+        return "finished"
+    finally:
+        _tally(key, "unwound")
 
 
 async def _fail_after(delay: float, exc: BaseException) -> None:
@@ -118,9 +125,10 @@ async def group_ignore() -> None:
 
 @app.task
 async def group_sleepers(key: str, seconds: float) -> str:
-    """Children wait in a task group; their ``finally`` records the unwinding."""
+    """Children wait in a task group; each records its start, its ``finally`` the unwinding."""
 
     async def child(i: int) -> None:
+        _tally(key, f"started:child{i}")
         try:
             await anyio.sleep(seconds)
         finally:
@@ -201,6 +209,18 @@ async def counted(key: str, member: str, seconds: float) -> str:
 
 
 @app.task
+async def ticking(key: str, member: str, seconds: float) -> str:
+    """As :func:`counted`, and counts ``tick:<member>`` every 50 ms while it runs."""
+    _tally(key, f"started:{member}")
+    deadline = anyio.current_time() + seconds
+    while anyio.current_time() < deadline:
+        await anyio.sleep(0.05)
+        _tally(key, f"tick:{member}")
+    _tally(key, f"finished:{member}")
+    return member
+
+
+@app.task
 def sync_exits() -> None:
     raise SystemExit(4)
 
@@ -223,7 +243,8 @@ async def logs_its_id(self: Any, rounds: int) -> str:
     return str(self.request.id)
 
 
-@app.task(soft_time_limit=0.3)
+# celery-types: time limits are ints; Celery takes any number of seconds.
+@app.task(soft_time_limit=0.3)  # type: ignore[call-overload, untyped-decorator]
 async def soft_limited_by_option() -> str:
     """The soft limit set as a task option (``@app.task(soft_time_limit=...)``)."""
     try:

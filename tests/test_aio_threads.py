@@ -26,7 +26,7 @@ import pytest
 import celery_anyio  # noqa: F401 - installs the aio methods, as the worker does
 from celery_anyio import aio
 
-from .harness import Client
+from .harness import Client, selected_backends
 
 CLIENTS = 200
 
@@ -86,7 +86,7 @@ async def send_and_wait_all(client: Client, count: int = CLIENTS) -> list[Any]:
 @pytest.mark.worker
 @pytest.mark.anyio
 async def test_concurrent_sends_and_waits_keep_to_the_client_limiter(
-    client: Client, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = record_threads(monkeypatch, client)
     assert aio.client_limiter().total_tokens == aio.DEFAULT_THREADS
@@ -101,7 +101,7 @@ async def test_concurrent_sends_and_waits_keep_to_the_client_limiter(
 @pytest.mark.worker
 @pytest.mark.anyio
 async def test_the_client_limiter_size_can_be_changed(
-    client: Client, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = record_threads(monkeypatch, client)
     aio.client_limiter().total_tokens = 1
@@ -112,9 +112,7 @@ async def test_the_client_limiter_size_can_be_changed(
 
 @pytest.mark.worker
 @pytest.mark.anyio
-async def test_the_client_does_not_wait_for_anyio_default_limiter(
-    client: Client, anyio_backend: str
-) -> None:
+async def test_the_client_does_not_wait_for_anyio_default_limiter(client: Client) -> None:
     # The program's own to_thread calls (or Starlette's sync endpoints) hold all
     # of AnyIO's default threads: the client's sends and waits still go on.
     default = anyio.to_thread.current_default_thread_limiter()
@@ -127,7 +125,7 @@ async def test_the_client_does_not_wait_for_anyio_default_limiter(
         default.release()
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", selected_backends())
 def test_each_event_loop_run_has_its_own_limiter(backend: str) -> None:
     async def size_then_change() -> float:
         limiter = aio.client_limiter()

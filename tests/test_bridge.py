@@ -29,9 +29,7 @@ def _sleep_then(value: str, seconds: float) -> str:
     return f"{value}/{marker.get()}"
 
 
-async def test_interleaved_calls_each_get_their_own_outcome_and_context(
-    anyio_backend: str,
-) -> None:
+async def test_interleaved_calls_each_get_their_own_outcome_and_context() -> None:
     results: dict[int, str] = {}
 
     async def one(i: int) -> None:
@@ -45,7 +43,7 @@ async def test_interleaved_calls_each_get_their_own_outcome_and_context(
     assert len(bridge._idle.greenlets) <= bridge.MAX_IDLE_GREENLETS
 
 
-async def test_a_greenlet_is_reused_with_a_fresh_context(anyio_backend: str) -> None:
+async def test_a_greenlet_is_reused_with_a_fresh_context() -> None:
     def where() -> tuple[object, str]:
         seen = marker.get()
         marker.set("set inside the bridge")
@@ -60,7 +58,7 @@ async def test_a_greenlet_is_reused_with_a_fresh_context(anyio_backend: str) -> 
     assert marker.get() == "caller again"  # nothing leaks back out
 
 
-async def test_errors_reach_the_caller_and_the_greenlet_runs_on(anyio_backend: str) -> None:
+async def test_errors_reach_the_caller_and_the_greenlet_runs_on() -> None:
     def fail() -> None:
         bridge.await_(anyio.lowlevel.checkpoint())
         raise KeyError("from the bridge")
@@ -70,7 +68,7 @@ async def test_errors_reach_the_caller_and_the_greenlet_runs_on(anyio_backend: s
     assert await bridge.run_bridged(_sleep_then, "after", 0) == "after/unset"
 
 
-async def test_an_idle_greenlet_keeps_no_outcome_alive(anyio_backend: str) -> None:
+async def test_an_idle_greenlet_keeps_no_outcome_alive() -> None:
     def make() -> Result:
         return Result()
 
@@ -79,7 +77,7 @@ async def test_an_idle_greenlet_keeps_no_outcome_alive(anyio_backend: str) -> No
     assert watched() is None
 
 
-async def test_a_cancelled_call_is_told_and_the_greenlet_is_reusable(anyio_backend: str) -> None:
+async def test_a_cancelled_call_is_told_and_the_greenlet_is_reusable() -> None:
     told: list[str] = []
 
     def wait_forever() -> None:
@@ -95,7 +93,7 @@ async def test_a_cancelled_call_is_told_and_the_greenlet_is_reusable(anyio_backe
     assert await bridge.run_bridged(_sleep_then, "next", 0) == "next/unset"
 
 
-async def test_idle_greenlets_are_capped(anyio_backend: str) -> None:
+async def test_idle_greenlets_are_capped() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(bridge.MAX_IDLE_GREENLETS + 50):
             tg.start_soon(bridge.run_bridged, _sleep_then, "x", 0.01)
@@ -136,7 +134,7 @@ def _tracer_like(tag: str) -> tuple[str, str]:
     return body_saw, seen_by_body.get()
 
 
-async def test_the_awaited_body_runs_in_the_callers_context(anyio_backend: str) -> None:
+async def test_the_awaited_body_runs_in_the_callers_context() -> None:
     results: dict[int, tuple[str, str]] = {}
 
     async def one(i: int) -> None:
@@ -152,11 +150,11 @@ async def test_the_awaited_body_runs_in_the_callers_context(anyio_backend: str) 
     assert seen_by_body.get() == "unset"
 
 
-async def test_soft_limited_body_runs_in_the_callers_context(anyio_backend: str) -> None:
+async def test_soft_limited_body_runs_in_the_callers_context(anyio_backend_name: str) -> None:
     from celery_anyio import _backends
     from celery_anyio.softlimit import await_with_soft_limit
 
-    backend = _backends.load(anyio_backend)
+    backend = _backends.load(anyio_backend_name)
 
     async def soft_limited(body: Any, context: contextvars.Context) -> Any:
         deadline = anyio.current_time() + 30

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
-import redis
 
 from .ackwatch import ENV
 from .faults.proxy import Proxy
@@ -63,8 +62,7 @@ def proxied(
 
 
 def _counts(client: Client, tally: str) -> dict[str, int]:
-    store = redis.Redis.from_url(client.app.conf.result_backend)
-    return {k.decode(): int(v) for k, v in store.hgetall(tally).items()}
+    return tallies(client, tally, timeout=0)
 
 
 def test_after_a_cut_queued_jobs_run_once_and_qos_stays_on_the_consumer_thread(

@@ -8,7 +8,7 @@ import anyio
 import anyio.to_thread
 import pytest
 from celery import Celery, current_task
-from celery._state import _task_stack
+from celery._state import _task_stack  # type: ignore[attr-defined]  # private: no stub
 
 from celery_anyio.context import job_identity
 from celery_anyio.patches import patch_request_stacks
@@ -28,7 +28,7 @@ def task() -> object:
     return probe
 
 
-async def test_interleaved_requests_stay_with_their_job(task: object, anyio_backend: str) -> None:
+async def test_interleaved_requests_stay_with_their_job(task: object) -> None:
     mismatches: list[tuple[int, str, object]] = []
 
     async def job(i: int) -> None:
@@ -57,7 +57,7 @@ async def test_interleaved_requests_stay_with_their_job(task: object, anyio_back
     assert len(task.request_stack._local.__storage__) == 0  # type: ignore[attr-defined]
 
 
-async def test_code_outside_jobs_keeps_thread_semantics(task: object, anyio_backend: str) -> None:
+async def test_code_outside_jobs_keeps_thread_semantics(task: object) -> None:
     task.push_request(id="outer")  # type: ignore[attr-defined]
     try:
         assert task.request.id == "outer"  # type: ignore[attr-defined]

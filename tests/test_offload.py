@@ -18,12 +18,12 @@ pytestmark = pytest.mark.anyio
 marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
 
 
-def _threads(anyio_backend: str) -> BlockingCallThreads:
-    return BlockingCallThreads(1, _backends.load(anyio_backend), "test-results")
+def _threads(backend: str) -> BlockingCallThreads:
+    return BlockingCallThreads(1, _backends.load(backend), "test-results")
 
 
-async def test_calls_run_in_the_threads_with_the_callers_context(anyio_backend: str) -> None:
-    threads = _threads(anyio_backend)
+async def test_calls_run_in_the_threads_with_the_callers_context(anyio_backend_name: str) -> None:
+    threads = _threads(anyio_backend_name)
 
     def where() -> tuple[str, str]:
         return threading.current_thread().name, marker.get()
@@ -49,8 +49,8 @@ async def test_calls_run_in_the_threads_with_the_callers_context(anyio_backend: 
     assert sorted(results) == [(i, ("test-results-0", f"job {i}")) for i in range(50)]
 
 
-async def test_a_call_is_not_cancelled_half_way(anyio_backend: str) -> None:
-    threads = _threads(anyio_backend)
+async def test_a_call_is_not_cancelled_half_way(anyio_backend_name: str) -> None:
+    threads = _threads(anyio_backend_name)
     finished: list[int] = []
 
     def slow() -> int:
@@ -69,8 +69,8 @@ async def test_a_call_is_not_cancelled_half_way(anyio_backend: str) -> None:
     assert finished == [7]
 
 
-async def test_without_the_service_calls_run_inline(anyio_backend: str) -> None:
-    threads = _threads(anyio_backend)
+async def test_without_the_service_calls_run_inline(anyio_backend_name: str) -> None:
+    threads = _threads(anyio_backend_name)
     assert not threads.serving
     assert await threads.call(lambda: threading.current_thread().name) == (
         threading.current_thread().name

@@ -52,9 +52,7 @@ def test_async_receiver_runs_in_order_from_a_plain_thread(signal: Signal) -> Non
 
 
 @pytest.mark.anyio
-async def test_async_receiver_sent_from_inside_a_running_loop(
-    signal: Signal, anyio_backend: str
-) -> None:
+async def test_async_receiver_sent_from_inside_a_running_loop(signal: Signal) -> None:
     calls: list[str] = []
     connect_recorders(signal, calls)
     responses = signal.send(sender=None)  # e.g. after_task_publish from an async web view

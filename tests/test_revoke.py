@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from typing_extensions import Self
 
 from .harness import (
+    PROMPT,
     Client,
+    EventLog,
     Namespace,
     PoolBackend,
     Worker,
@@ -43,37 +41,6 @@ def narrow(namespace: Namespace, narrow_worker: Worker) -> Iterator[Client]:
     client.close()
 
 
-class EventLog:
-    """Task events of one worker, captured in a thread, as Flower would."""
-
-    def __init__(self, client: Client) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, args=(client,), daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        assert self._ready.wait(10)
-        time.sleep(0.3)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def _listen(self, client: Client) -> None:
-        with client.app.connection_for_read() as conn:
-            receiver = client.app.events.Receiver(conn, handlers={"*": self.events.append})
-            self._ready.set()
-            for _ in receiver.itercapture(limit=None, timeout=10, wakeup=False):
-                if self._stop.is_set():
-                    return
-
-    def types(self, task_id: str) -> list[str]:
-        return [e["type"] for e in self.events if e.get("uuid") == task_id]
-
-
 def test_task_revoked_while_queued_in_the_pool_never_starts(narrow: Client) -> None:
     k = key()
     first = send(narrow, "counted", k, "first", 1.0)
@@ -82,7 +49,8 @@ def test_task_revoked_while_queued_in_the_pool_never_starts(narrow: Client) -> N
     queued.revoke()  # no terminate: it has not started
     assert first.get(timeout=30) == "first"
     wait_for_state(queued, "REVOKED")
-    time.sleep(0.5)
+    # One at a time, in order: a task sent after it ran, so its turn has passed.
+    assert send(narrow, "counted", k, "later", 0.01).get(timeout=30) == "later"
     assert "started:queued" not in tallies(narrow, k)
 
 
@@ -90,13 +58,14 @@ def test_terminate_sends_one_revoke_event_and_runs_finally(narrow: Client) -> No
     k = key()
     with EventLog(narrow) as log:
         result = narrow.app.signature("tests.workerapp.guarded", args=(k, 30)).apply_async()
-        deadline = time.monotonic() + 10
-        while "task-started" not in log.types(result.id) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert log.wait_for(result.id, "task-started")
         result.revoke(terminate=True)
-        assert wait_for_state(result, "REVOKED") < 1.0
+        assert wait_for_state(result, "REVOKED") < PROMPT
         assert tallies(narrow, k, 1) == {"finally": 1}
-        time.sleep(1)
+        # The events of a task that ran after it: every event of the revoked one came first.
+        later = narrow.app.signature("tests.workerapp.add", args=(1, 1)).apply_async()
+        assert later.get(timeout=30) == 2
+        assert log.wait_for(later.id, "task-succeeded")
     assert log.types(result.id).count("task-revoked") == 1
     assert "task-failed" not in log.types(result.id)
 
@@ -109,8 +78,9 @@ def test_revoke_by_stamped_headers_terminates(narrow: Client) -> None:
     result = sig.apply_async()
     wait_until_started(narrow, k, 1)
     narrow.app.control.revoke_by_stamped_headers({"celery_anyio_test": stamp}, terminate=True)
-    assert wait_for_state(result, "REVOKED") < 1.0
-    time.sleep(0.3)
+    assert wait_for_state(result, "REVOKED") < PROMPT
+    # One at a time: a later task ran, so the terminated one has ended.
+    assert send(narrow, "counted", k, "later", 0.01).get(timeout=30) == "later"
     assert "finished:stamped" not in tallies(narrow, k)
 
 
@@ -121,10 +91,10 @@ def test_terminating_a_sync_task_stops_its_thread_when_it_can(
     result = send(narrow, "sync_stuck", k, 1.5)
     tallies(narrow, k, 1)
     result.revoke(terminate=True)
-    assert wait_for_state(result, "REVOKED") < 1.0
+    assert wait_for_state(result, "REVOKED") < PROMPT
     wait_for_log(narrow_worker, rf"sync task .*\[{result.id}\] was terminated")
-    time.sleep(1.8)  # the thread returns from time.sleep and is interrupted there
-    assert tallies(narrow, k) == {"started": 1}
+    # The thread returns from time.sleep and is interrupted there, before "returned".
+    assert tallies(narrow, k, 2) == {"started": 1, "unwound": 1}
     assert result.state == "REVOKED"
     assert narrow.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
 
@@ -136,6 +106,6 @@ def test_terminate_with_sigkill_never_signals_the_worker(
     result = send(narrow, "counted", k, "killed", 30)
     wait_until_started(narrow, k, 1)
     result.revoke(terminate=True, signal="SIGKILL")
-    assert wait_for_state(result, "REVOKED") < 1.0
+    assert wait_for_state(result, "REVOKED") < PROMPT
     assert narrow_worker.process is not None and narrow_worker.process.poll() is None
     assert narrow.app.signature("tests.workerapp.add", args=(2, 3)).delay().get(timeout=30) == 5

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def soft_limited(anyio_backend: str) -> Any:
+def soft_limited(anyio_backend_name: str) -> Any:
     """``await soft_limited(body, seconds, expired)`` as the pool would do it."""
-    backend = _backends.load(anyio_backend)
+    backend = _backends.load(anyio_backend_name)
 
     async def run(body: Any, seconds: float, expired: list[float]) -> Any:
         return await await_with_soft_limit(
@@ -50,7 +50,7 @@ async def test_body_catches_the_soft_limit_and_returns(soft_limited: Any) -> Non
     with anyio.fail_after(5):
         started = anyio.current_time()
         assert await soft_limited(body(), 0.1, expired) == "cleaned up"
-    assert 0.1 <= anyio.current_time() - started < 1
+    assert 0.1 <= anyio.current_time() - started < 3  # at the limit, not after the 10 s sleep
     assert cleaned == ["yes"]
     assert expired == [0.1]
 
@@ -114,7 +114,7 @@ async def test_outer_cancellation_wins_over_a_soft_limit_handler(soft_limited: A
             await anyio.sleep(10)  # a handler that would outlive the hard limit
         return "masked"
 
-    with anyio.move_on_after(0.3) as outer:
+    with anyio.move_on_after(1.5) as outer:
         await soft_limited(body(), 0.05, expired)
     assert outer.cancelled_caught
     assert seen == ["soft"]
@@ -177,8 +177,12 @@ async def test_thread_wait_is_not_interrupted(soft_limited: Any) -> None:
     expired: list[float] = []
     steps: list[str] = []
 
+    def nap() -> str:
+        time.sleep(0.2)
+        return "thread done"
+
     async def body() -> str:
-        steps.append(await anyio.to_thread.run_sync(lambda: time.sleep(0.2) or "thread done"))
+        steps.append(await anyio.to_thread.run_sync(nap))
         try:
             await anyio.sleep(10)
         except SoftTimeLimitExceeded:

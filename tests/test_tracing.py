@@ -87,15 +87,44 @@ def test_one_trace_per_task_tree(traced: tuple[Client, Worker]) -> None:
     assert set(initialised) == {1}  # worker_process_init: once in each task process
     assert len(by_trace) == ROOTS  # nothing started a trace of its own
     for (trace_id, producer), body in zip(producers, bodies, strict=True):
-        spans = {(s["kind"], s["name"]): s for s in by_trace[trace_id]}
-        assert len(spans) == 4, by_trace[trace_id]
-        run = spans["CONSUMER", f"run/{ROOT}"]
-        manual = spans["INTERNAL", "manual"]
-        publish = spans["PRODUCER", f"apply_async/{LEAF}"]
-        leaf = spans["CONSUMER", f"run/{LEAF}"]
+        tree = {(s["kind"], s["name"]): s for s in by_trace[trace_id]}
+        assert len(tree) == 4, by_trace[trace_id]
+        run = tree["CONSUMER", f"run/{ROOT}"]
+        manual = tree["INTERNAL", "manual"]
+        publish = tree["PRODUCER", f"apply_async/{LEAF}"]
+        leaf = tree["CONSUMER", f"run/{LEAF}"]
         assert run["parent"] == producer  # the client's span
         assert body["body"] == {"trace": trace_id, "span": run["span"]}  # current in the body
         assert body["manual"] == {"trace": trace_id, "span": manual["span"]}
         assert manual["parent"] == run["span"]
         assert publish["parent"] == manual["span"]  # published inside the manual span
         assert leaf["parent"] == publish["span"]
+
+
+@pytest.mark.parametrize("broker", ["redis"], scope="session")
+def test_the_tracing_example_exports_its_spans_at_shutdown(
+    namespace: Namespace, pool_backend: PoolBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = namespace.queue(f"otel-example-{pool_backend.tag}-{time.monotonic_ns()}")
+    monkeypatch.setenv("CELERY_BROKER_URL", namespace.broker_url)  # as the example reads
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", namespace.results_url)
+    monkeypatch.setenv("CELERY_QUEUE", queue)
+    worker = Worker(
+        namespace, queue, [*pool_args(pool_backend)], app_module="docs.examples.tracing"
+    ).start()
+    client = namespace.client(queue)
+    try:
+        result = client.app.signature("docs.examples.tracing.fetch_page", args=(7,)).delay()
+        assert result.get(timeout=30) == 7
+        store = client.app.signature("docs.examples.tracing.store_page", args=(0,))
+        assert store.delay().get(timeout=30) == 0
+    finally:
+        worker.stop()
+        client.close()
+    log = worker.log()  # the console exporter's JSON, flushed by worker_process_shutdown
+    for name in (
+        "run/docs.examples.tracing.fetch_page",
+        "fetch",
+        "run/docs.examples.tracing.store_page",
+    ):
+        assert f'"name": "{name}"' in log, name

@@ -99,18 +99,19 @@ async def _tick_while_blocked(monitor: LoopMonitor, job: _Job, lag: float) -> in
 async def test_a_lag_too_short_to_report_leaves_no_samples_to_the_next(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Samples start at half the threshold (0.2 s) and come every 0.1 s: a lag of
-    # 0.33 s is sampled, not reported. Its samples name another task, so left
-    # over they would turn the next warning into a "several tasks" debug line.
-    monitor = LoopMonitor(0.4, _task_in_stack)
+    # Samples start at half the threshold (0.6 s) and come every 0.3 s: a lag of
+    # 1 s is sampled, not reported (0.2 s to spare on a busy machine). Its samples
+    # name another task, so left over they would turn the next warning into a
+    # "several tasks" debug line.
+    monitor = LoopMonitor(1.2, _task_in_stack)
     monitor._loop_thread = threading.get_ident()
     watchdog = threading.Thread(target=monitor._watch, daemon=True)
     watchdog.start()
     try:
         with caplog.at_level(logging.DEBUG, logger="celery_anyio.watchdog"):
-            assert await _tick_while_blocked(monitor, _Job(OTHER), 0.33) >= 1
+            assert await _tick_while_blocked(monitor, _Job(OTHER), 1.0) >= 1
             assert not caplog.records
-            await _tick_while_blocked(monitor, _Job(BLOCKER), 0.7)
+            await _tick_while_blocked(monitor, _Job(BLOCKER), 1.8)
     finally:
         monitor._stopped.set()
         watchdog.join()

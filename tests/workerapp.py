@@ -119,7 +119,8 @@ async def flaky(self: Any, fail_times: int) -> int:
     return int(self.request.retries)
 
 
-@app.task(
+# celery-types: retry_backoff is a bool or an int; Celery takes any number of seconds.
+@app.task(  # type: ignore[call-overload, untyped-decorator]
     bind=True, autoretry_for=(ValueError,), retry_backoff=0.1, retry_jitter=False, max_retries=4
 )
 async def auto_flaky(self: Any, fail_times: int) -> int:
@@ -286,7 +287,7 @@ async def lineage(self: Any, depth: int) -> list[dict[str, Any]]:
     me = {"id": request.id, "parent_id": request.parent_id, "root_id": request.root_id}
     if depth <= 0:
         return [me]
-    child = await lineage.adelay(depth - 1)
+    child = await lineage.adelay(depth - 1)  # type: ignore[attr-defined]  # install_aio() adds it
     return [me, *await child.aget(timeout=30)]
 
 
@@ -295,7 +296,7 @@ async def fan_out(n: int) -> list[int]:
     """Send a group from a task and await all of it."""
     from celery import group
 
-    result = await group(add.s(i, i) for i in range(n)).aapply_async()
+    result = await group(add.s(i, i) for i in range(n)).aapply_async()  # type: ignore[attr-defined]  # install_aio() adds it
     return list(await result.aget(timeout=30))
 
 
