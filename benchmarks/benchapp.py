@@ -1,9 +1,8 @@
 """The Celery app the benchmark workers run (``celery -A benchmarks.benchapp worker``).
 
 Broker, result backend, queue and ``worker_anyio_backend_options`` (the uvloop
-variant) come from the environment, so every configuration and run of the
-harness uses its own queue.  Each workload has an
-``async def`` version (for ``-P celery_anyio:Pool``) and a plain one (for the
+variant) come from the environment, so every run of a case has its own queue.
+Each workload has an ``async def`` version (for ``-P celery_anyio:Pool``) and a plain one (for the
 stock pools); all of them store a result, ``[sent, started, finished]``, where
 ``sent`` is the publisher's timestamp passed in the arguments (0 when unused)
 and the other two are ``time.time()`` readings taken by the task body.
@@ -22,15 +21,17 @@ from typing import Any
 import anyio
 from celery import Celery, signals
 
-BROKER_ENV = "CELERY_ANYIO_BENCH_BROKER"
-RESULTS_ENV = "CELERY_ANYIO_BENCH_RESULTS"
-QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
-# JSON for ``worker_anyio_backend_options``, e.g. ``{"use_uvloop": true}``.
-BACKEND_OPTIONS_ENV = "CELERY_ANYIO_BENCH_BACKEND_OPTIONS"
+from benchmarks.cases import (
+    BACKEND_OPTIONS_ENV,
+    BROKER_ENV,
+    QUEUE_ENV,
+    READY_MARKER,
+    RESULTS_ENV,
+)
+
 # ``worker_anyio_result_threads`` (0: results stored on the loop thread), to compare.
 RESULT_THREADS_ENV = "CELERY_ANYIO_BENCH_RESULT_THREADS"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
-READY_MARKER = "celery-anyio-bench: worker ready. ts="
 HOLD_TIMEOUT = 600.0  # a hold task never waits longer than this for the others
 
 app = Celery(
@@ -107,10 +108,11 @@ class _Hold:
 
 @app.task(name="bench.hold_async")
 async def hold_async(seconds: float, n: int, sent: float = 0.0) -> Timings:
-    """Await ``seconds``, then on until ``n`` hold tasks have started in this worker.
+    """Await ``seconds``, then on until ``n`` hold tasks have started in this process.
 
-    So all ``n`` are in flight at the same moment, however slowly the worker
-    takes messages in: what the ``inflight`` workload's peak RSS is about.
+    So all of them are in flight at the same moment, however slowly the worker
+    takes messages in: what the ``inflight`` workload's peak RSS is about.  Under
+    ``--processes N`` the harness passes each process's share as ``n``.
     """
     started = time.time()
     if _Hold.async_event is None:

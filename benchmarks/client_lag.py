@@ -39,20 +39,14 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import anyio
 import anyio.to_thread
 import celery
+import redis
 from celery import Celery
 
 import celery_anyio  # noqa: F401 - adds adelay/aget to Celery's classes
-from benchmarks.harness import (
-    ANYIO_POOL,
-    ROOT,
-    Environment,
-    PoolConfig,
-    Results,
-    Worker,
-    forget_redis_bindings,
-    percentile,
-    reset_queue,
-)
+from benchmarks.cases import anyio as anyio_config
+from benchmarks.drivers import CeleryDriver, forget_redis_bindings
+from benchmarks.harness import Environment, percentile
+from benchmarks.workers import ROOT, Worker
 from celery_anyio import aio
 
 REDIS_URL = os.environ.get("CELERY_ANYIO_BENCH_CLIENT_REDIS", "redis://127.0.0.1:6379/13")
@@ -222,11 +216,9 @@ async def bench(variant: str, app: Celery, args: argparse.Namespace) -> tuple[st
 
 
 def cleanup_results(ids: list[str]) -> None:
-    results = Results(REDIS_URL)
-    try:
-        results.delete(ids)
-    finally:
-        results.close()
+    with redis.Redis.from_url(REDIS_URL) as client:
+        for k in range(0, len(ids), 500):
+            client.delete(*[f"celery-task-meta-{i}" for i in ids[k : k + 500]])
 
 
 def ms(seconds: float) -> str:
@@ -284,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         log_dir=ROOT / "benchmarks" / "results" / "logs" / f"client-lag-{run_id}",
     )
     queue = env.queue("client-lag")
-    config = PoolConfig(ANYIO_POOL, args.worker_concurrency, backend=args.worker_backend)
-    worker = Worker(env, config, queue, env.log_dir / "worker.log")
+    config = anyio_config(args.worker_backend, args.worker_concurrency)
+    driver = CeleryDriver(config, queue, env.broker_url, REDIS_URL)
+    command = driver.command(0)
     app = Celery("client-lag", broker=env.broker_url, backend=REDIS_URL, set_as_current=False)
     app.conf.update(task_default_queue=queue, result_expires=600)
     commit = subprocess.run(
@@ -299,14 +292,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{datetime.now():%Y-%m-%d %H:%M}, commit {commit or '?'} (+ working tree), "
         f"{platform.python_version()}, Celery {celery.__version__}, {os.cpu_count()} cores, "
         f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; worker "
-        f"{' '.join(worker.command()[1:])}; broker {args.broker}, results {REDIS_URL}; "
+        f"{' '.join(command[1:])}; broker {args.broker}, results {REDIS_URL}; "
         f"{args.concurrency} concurrent clients, {args.task_seconds * 1000:g} ms tasks, "
         f"{args.rounds} rounds after a warm-up\n",
         flush=True,
     )
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     variants = VARIANTS if args.variant == "both" else (args.variant,)
-    worker.start()
+    worker = Worker(command, driver.env(), env.log_dir / "worker.log")
     try:
         worker.wait_ready()
         print(HEADER, flush=True)
@@ -317,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(row(backend, variant, threads, str(args.rounds), rounds[1:]), flush=True)
     finally:
         worker.stop()
-        reset_queue(app.connection_for_write(), queue, delete=True)
+        driver.cleanup([])
+        driver.close()
         app.close()
         if args.broker == "redis":
             forget_redis_bindings(REDIS_URL, run_id)

@@ -22,7 +22,7 @@ def measure(broker_url: str, n: int, prefetch: int = 100, queue_name: str | None
     name = queue_name or f"bench-kombu-raw-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, "direct"), routing_key=name)
     with Connection(broker_url) as conn:
-        channel = conn.channel()
+        channel: Any = conn.channel()
         bound = queue(channel)
         bound.declare()
         bound.purge()
@@ -44,7 +44,7 @@ def _drain(conn: Connection, queue: Queue, n: int, prefetch: int) -> float:
         message.ack()
         received += 1
 
-    channel = conn.channel()
+    channel: Any = conn.channel()
     consumer = Consumer(
         channel, queues=[queue], callbacks=[on_message], accept=["json"], no_ack=False
     )
