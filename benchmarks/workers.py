@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -20,10 +17,12 @@ from pathlib import Path
 
 import psutil
 
+from celery_anyio.worker_process import WorkerExited, WorkerProcess
+
 from .cases import READY_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(re.escape(READY_MARKER) + r"([0-9.]+)(?: gevent-patched=([01]))?")
+READY = re.escape(READY_MARKER) + r"([0-9.]+)(?: gevent-patched=([01]))?"
 STOP_GRACE_SECONDS = 20.0
 READY_TIMEOUT_SECONDS = 60.0
 
@@ -43,73 +42,42 @@ class Worker:
     """One worker command, started at once in its own session; its output in ``log_path``."""
 
     def __init__(self, command: Sequence[str], env: dict[str, str], log_path: Path) -> None:
-        self.command = list(command)
+        self.process = WorkerProcess(command, log_path, env=env, cwd=ROOT)
+        self.command = self.process.argv
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
         self.pid = self.process.pid
         self.ready: list[float] = []  # one timestamp per process that announced itself
         self.gevent_patched = False
-        self._offset = 0
-        self._terminated_at = 0.0
         _LIVE.add(self)
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.process.alive()
 
     def wait_ready(self, count: int = 1, timeout: float = READY_TIMEOUT_SECONDS) -> float:
         """Wait for ``count`` ready lines (one per process for taskiq and saq); the last one."""
         deadline = time.monotonic() + timeout
-        while True:
-            with self.log_path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-            cut = data.rfind(b"\n") + 1  # whole lines only: the last may be half written
-            self._offset += cut
-            for match in READY.finditer(data[:cut].decode(errors="replace")):
-                self.ready.append(float(match.group(1)))
-                self.gevent_patched = match.group(2) == "1"
-            if len(self.ready) >= count:
-                return max(self.ready)
-            if not self.alive():
-                raise BenchError(f"worker exited before ready (rc={self.process.returncode})")
-            if time.monotonic() > deadline:
-                raise BenchError(f"worker not ready in {timeout:.0f}s")
-            time.sleep(0.005)
+        try:
+            while len(self.ready) < count:
+                left = deadline - time.monotonic()
+                line = self.process.wait_for_line(READY, left, interval=0.005)
+                self.ready.append(float(line.group(1)))
+                self.gevent_patched = line.group(2) == "1"
+        except WorkerExited as exc:
+            raise BenchError(f"worker exited before ready (rc={exc.returncode})") from None
+        except TimeoutError:
+            raise BenchError(f"worker not ready in {timeout:.0f}s") from None
+        return max(self.ready)
 
     def terminate(self) -> None:
         """Ask for a warm shutdown without waiting for it."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            self._terminated_at = time.monotonic()
+        self.process.terminate()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to the whole session once the grace has passed."""
         try:
-            if self.alive():
-                if not self._terminated_at:
-                    self.terminate()
-                grace = STOP_GRACE_SECONDS - (time.monotonic() - self._terminated_at)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(max(grace, 0.01))
-            _killpg(self.pid)  # whatever it left behind in its session
-            self.process.wait(5)
+            self.process.stop(STOP_GRACE_SECONDS)
         finally:
             _LIVE.discard(self)
-
-
-def _killpg(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 @atexit.register

@@ -7,12 +7,12 @@ broker URL, so it needs nothing but Python.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .worker_process import WorkerExited, WorkerProcess
 
 
 def run_demo(backend: str, count: int, concurrency: int, seconds: float, broker: str | None) -> int:
@@ -40,11 +40,12 @@ def run_demo(backend: str, count: int, concurrency: int, seconds: float, broker:
     print(f"sending {count} async tasks (each awaits ~{seconds}s) ...", flush=True)
     results = [fetch.delay(i, seconds) for i in range(count)]
     print(f"$ {' '.join(command)}\n  (worker log: {log_path})", flush=True)
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(command, log_path, env=env)
     try:
-        if not _wait_ready(worker, log_path):
-            print(log_path.read_text(errors="replace"), file=sys.stderr)
+        try:
+            worker.wait_for_line(r" ready\.", timeout=60)
+        except (WorkerExited, TimeoutError):
+            print(worker.log(), file=sys.stderr)
             return 1
         started = time.monotonic()
         done = 0
@@ -54,12 +55,12 @@ def run_demo(backend: str, count: int, concurrency: int, seconds: float, broker:
             else:  # count result files; reading one mid-write could fail
                 done = sum(1 for _ in results_dir.iterdir())
             _progress(done, count, time.monotonic() - started)
-            if worker.poll() is not None:
-                print("\nworker died:\n" + log_path.read_text(errors="replace"), file=sys.stderr)
+            if not worker.alive():
+                print("\nworker died:\n" + worker.log(), file=sys.stderr)
                 return 1
             time.sleep(0.1)
         elapsed = time.monotonic() - started
-        _stop(worker)
+        worker.stop()
         values = [r.get(timeout=10) for r in results]
         ok = sorted(v["n"] for v in values) == list(range(count)) and all(
             v["task_id"] == r.id for v, r in zip(values, results, strict=False)
@@ -72,27 +73,7 @@ def run_demo(backend: str, count: int, concurrency: int, seconds: float, broker:
         )
         return 0 if ok else 1
     finally:
-        _stop(worker)
-
-
-def _stop(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-
-
-def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if " ready." in log_path.read_text(errors="replace"):
-            return True
-        if worker.poll() is not None:
-            return False
-        time.sleep(0.1)
-    return False
+        worker.stop()
 
 
 def _progress(done: int, total: int, elapsed: float) -> None:

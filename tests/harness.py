@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import celery
 import redis
 from celery import Celery
 from typing_extensions import Self
+
+from celery_anyio.worker_process import WorkerExited, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("CELERY_ANYIO_REDIS", "redis://127.0.0.1:6379")
@@ -155,7 +156,7 @@ class Worker:
     conf: dict[str, Any] | None = None
     app_module: str = "tests.workerapp"
     ready_timeout: float = 30.0
-    process: subprocess.Popen[bytes] | None = None
+    process: WorkerProcess | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
     name: str = ""
     node: str = ""  # the worker's node name, known once it is ready
@@ -169,29 +170,25 @@ class Worker:
         ]  # fmt: skip
 
     def start(self) -> Self:
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
+        self.process = WorkerProcess(
             self.command(),
-            cwd=ROOT,
+            self.log_path,
             env=self.namespace.env(self.queue, self.conf),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=ROOT,
         )
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            ready = re.search(r"(\S+@\S+) ready\.", self.log())
-            if ready:
-                self.node = ready.group(1)
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"worker not ready in {self.ready_timeout}s:\n{self.log()}")
+        try:
+            ready = self.process.wait_for_line(r"(\S+@\S+) ready\.", self.ready_timeout)
+        except WorkerExited as exc:
+            raise RuntimeError(f"worker exited with {exc.returncode}:\n{self.log()}") from None
+        except TimeoutError:
+            self.stop()
+            timeout = self.ready_timeout
+            raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log()}") from None
+        self.node = ready.group(1)
+        return self
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log() if self.process else ""
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
@@ -202,15 +199,13 @@ class Worker:
         return self.process.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
-            raise
+        """SIGTERM, SIGKILL after ``timeout``: then a test fails with TimeoutExpired."""
+        if self.process is None:
+            return None
+        code = self.process.stop(timeout)
+        if self.process.killed:
+            raise subprocess.TimeoutExpired(self.process.argv, timeout)
+        return code
 
     def __enter__(self) -> Self:
         return self.start()

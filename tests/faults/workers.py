@@ -20,9 +20,11 @@ from pathlib import Path
 
 import psutil
 
+from celery_anyio.worker_process import WorkerExited, WorkerProcess
+
 from .faultapp import BROKER_ENV, QUEUE_ENV, READY_MARKER, RESULTS_ENV, VISIBILITY_ENV
 from .pools import PoolSpec
-from .procs import kill_group, on_cleanup, owner_env
+from .procs import on_cleanup, owner_env
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 90.0
@@ -61,7 +63,7 @@ class FaultWorker:
         serial = next(_serial)
         self.name = f"{pool.name}-{serial}-{run_id[:6]}"
         self.log_path = log_dir / f"{serial:03d}-{pool.name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: WorkerProcess | None = None
         self.node = ""
         self.ready_at = 0.0
         self.exit_code: int | None = None
@@ -93,36 +95,25 @@ class FaultWorker:
         return self.launch().wait_ready(timeout)
 
     def launch(self) -> FaultWorker:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                cwd=ROOT,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = WorkerProcess(self.command(), self.log_path, env=self.env(), cwd=ROOT)
         self._forget = on_cleanup(f"worker {self.name}", self.kill)
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> FaultWorker:
         """Until the worker logs the ready marker (its consumer is connected)."""
         assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready = re.search(re.escape(READY_MARKER) + r"(\S+)", self.log())
-            if ready:
-                self.node = ready.group(1)
-                self.ready_at = time.time()
-                return self
-            if self.process.poll() is not None:
-                raise WorkerFailed(
-                    f"{self.name} exited with {self.process.returncode} at start: "
-                    + self.log()[-1500:]
-                )
-            time.sleep(0.1)
-        self.kill()
-        raise WorkerFailed(f"{self.name} not ready in {timeout:.0f}s")
+        try:
+            ready = self.process.wait_for_line(re.escape(READY_MARKER) + r"(\S+)", timeout)
+        except WorkerExited as exc:
+            raise WorkerFailed(
+                f"{self.name} exited with {exc.returncode} at start: " + self.log()[-1500:]
+            ) from None
+        except TimeoutError:
+            self.kill()
+            raise WorkerFailed(f"{self.name} not ready in {timeout:.0f}s") from None
+        self.node = ready.group(1)
+        self.ready_at = time.time()
+        return self
 
     @property
     def pid(self) -> int:
@@ -130,12 +121,7 @@ class FaultWorker:
         return self.process.pid
 
     def log(self, start: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(start)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.process.log(start) if self.process else ""
 
     def log_size(self) -> int:
         try:
@@ -169,8 +155,7 @@ class FaultWorker:
     def kill(self) -> None:
         """``kill -9`` of the worker's whole process group."""
         if self.process is not None:
-            kill_group(self.process, signal.SIGKILL)
-            self.exit_code = self.process.poll()
+            self.exit_code = self.process.kill()
         self._forget()
 
     def rss(self) -> int | None:
