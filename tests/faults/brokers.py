@@ -21,6 +21,7 @@ from typing import Protocol
 
 import redis
 from kombu.connection import Connection
+from kombu.transport import pyamqp
 
 from .procs import free_port, kill_group, kill_owned, owner_env, port_open, wait_for
 
@@ -48,6 +49,14 @@ class Broker(Protocol):
 
 def _as_rabbitmq(cmd: list[str]) -> list[str]:
     return ["setpriv", "--reuid=rabbitmq", "--regid=rabbitmq", "--init-groups", *cmd]
+
+
+def _amqp_channel(conn: Connection) -> pyamqp.Channel:
+    """An ``amqp://`` connection's channel: py-amqp's, with its queue methods (kombu's
+    stubs type ``default_channel`` as the ``StdChannel`` base, which has none)."""
+    channel = conn.default_channel
+    assert isinstance(channel, pyamqp.Channel)
+    return channel
 
 
 class PrivateRedis:
@@ -256,11 +265,13 @@ class PrivateRabbitMQ:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def ready(self, queue: str) -> int:
-        with Connection(self.url(), connect_timeout=5) as conn:  # type: ignore[no-untyped-call]
+        with Connection(self.url(), connect_timeout=5) as conn:
             try:
-                _, messages, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+                declared = _amqp_channel(conn).queue_declare(queue=queue, passive=True)
             except conn.channel_errors:
                 return 0  # no such queue
+            assert declared is not None  # None only with nowait=True
+            _, messages, _ = declared
             return int(messages)
 
     def unacked(self, queue: str) -> int:
@@ -273,10 +284,10 @@ class PrivateRabbitMQ:
 
     def purge(self, queue: str) -> None:
         with (
-            Connection(self.url(), connect_timeout=5) as conn,  # type: ignore[no-untyped-call]
+            Connection(self.url(), connect_timeout=5) as conn,
             contextlib.suppress(*conn.channel_errors),
         ):
-            conn.default_channel.queue_purge(queue)
+            _amqp_channel(conn).queue_purge(queue)
 
 
 def start_broker(kind: str, run_id: str, root: Path) -> Broker:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.app.amqp import task_message as TaskMessage
+from kombu import Connection
+from kombu.transport import pyamqp, virtual
 
 from .faultapp import settings
 
@@ -39,13 +42,15 @@ class Client:
         self.app.conf.update(settings(broker_url, "celery-anyio-faults-client", visibility))
         self.last_ping_error = ""
 
-    def connection(self) -> Any:
+    def connection(self) -> Connection:
         return self.app.connection_for_write()
 
     def declare(self, queue: str) -> None:
         """The queue as a worker's ``-Q`` declares it, so messages sent first are kept."""
         with self.connection() as conn:
             channel = conn.default_channel
+            # The stubs type it as the StdChannel base, without the declare methods.
+            assert isinstance(channel, (pyamqp.Channel, virtual.Channel))
             channel.exchange_declare(exchange=queue, type="direct", durable=True, auto_delete=False)
             channel.queue_declare(queue=queue, durable=True, auto_delete=False)
             channel.queue_bind(queue=queue, exchange=queue, routing_key=queue)
@@ -89,7 +94,7 @@ class Client:
                 **(properties or {}),
             )  # fmt: skip
 
-    def task_message(self, name: str, args: Sequence[Any] = ()) -> tuple[str, Any]:
+    def task_message(self, name: str, args: Sequence[Any] = ()) -> tuple[str, TaskMessage]:
         """A well-formed message's (task id, Celery task_message) to take apart."""
         task_id = str(uuid.uuid4())
         return task_id, self.app.amqp.as_task_v2(task_id, name, args=tuple(args))

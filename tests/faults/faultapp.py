@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.lowlevel
 import redis
 from celery import Celery, signals
+from celery.app.task import Task
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup
@@ -83,19 +84,21 @@ def settings(broker_url: str, queue: str, visibility: int = VISIBILITY) -> dict[
 app = Celery("faultapp", broker=BROKER, backend=RESULTS)
 app.conf.update(settings(BROKER, os.environ.get(QUEUE_ENV, "celery-anyio-faults")))
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def task(name: str, **options: Any) -> Callable[[F], F]:
-    """``app.task`` with the function's type kept (Celery has no annotations)."""
-    decorator: Callable[[F], F] = app.task(name=name, **options)
+def task(name: str, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """``app.task`` with the task's signature kept (options passed on as ``**options``
+    match no overload of celery-types' ``app.task``, which then returns ``Any``)."""
+    decorator: Callable[[Callable[P, R]], Task[P, R]] = app.task(name=name, **options)
     return decorator
 
 
 logger = logging.getLogger("celery_anyio.faults")
 
 
-@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+@signals.worker_ready.connect
 def _announce_ready(sender: Any = None, **_: Any) -> None:
     # At WARNING so the marker shows at every log level (the soak runs at -l warning).
     logger.warning("%s%s pid=%d", READY_MARKER, getattr(sender, "hostname", "?"), os.getpid())
