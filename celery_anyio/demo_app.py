@@ -20,6 +20,8 @@ app.conf.update(
         "data_folder_in": os.path.join(_folder, "queue"),
         "data_folder_out": os.path.join(_folder, "queue"),
         "processed_folder": os.path.join(_folder, "processed"),
+        # kombu's default is "control" in the working directory.
+        "control_folder": os.path.join(_folder, "control"),
         "store_processed": False,
         "polling_interval": 0.01,
     },
