@@ -129,10 +129,14 @@ class ProcessGroup:
         for child in self._children:
             self._fork(child)
         deadline = monotonic() + READY_TIMEOUT_SECONDS
-        while not all(child.ready for child in self._children):
+        while True:
+            # A child that exits is removed from the list: check for that first, or
+            # all children failing in one pump would look like all of them ready.
             if self._start_failure:
                 self.cancel()
                 raise RuntimeError(self._start_failure)
+            if all(child.ready for child in self._children):
+                break
             if monotonic() > deadline:
                 self.cancel()
                 raise RuntimeError(
@@ -486,7 +490,8 @@ class ProcessGroup:
 
     @property
     def ready(self) -> bool:
-        return all(child.ready for child in self._children if not child.retiring)
+        serving = [child for child in self._children if not child.retiring]
+        return bool(serving) and all(child.ready for child in serving)
 
     def _refresh_stats(self, timeout: float = STATS_TIMEOUT_SECONDS) -> None:
         """Ask every child for its numbers and wait (briefly) for the answers."""

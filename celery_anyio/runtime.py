@@ -117,7 +117,9 @@ class TaskRuntime:
         if loop is None:
             return True
         self.runner.cancel_all()
-        return loop.join(grace)
+        ended = loop.join(grace)
+        WorkerLoop.clear()  # signals sent from now on must not wait for this loop
+        return ended
 
     def info(self) -> dict[str, Any]:
         return {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -12,6 +13,7 @@ from celery import Celery
 
 from celery_anyio import TaskExited
 from celery_anyio.pool import Pool
+from celery_anyio.receivers import WorkerLoop
 
 from .requests import Acks, make_request
 
@@ -119,3 +121,32 @@ def test_grow_and_shrink_follow_with_the_threads(app: Celery, pool: Pool) -> Non
     pool.shrink(8)
     _wait(lambda: pool.info["threads"] == 2)
     assert pool.num_processes == 2
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
+def test_a_stopped_pool_leaves_no_worker_loop_for_signals(app: Celery, cold: bool) -> None:
+    """Async receivers of signals sent after the stop run on a loop of their own."""
+    pool = Pool(limit=2, app=app)
+    pool.start()
+    assert WorkerLoop.token is not None
+    if cold:
+        pool.terminate()
+    else:
+        pool.stop()
+    assert WorkerLoop.token is None
+    assert WorkerLoop.thread is None
+
+
+@contextlib.asynccontextmanager
+async def broken_lifespan(app: Celery) -> AsyncIterator[None]:
+    raise ConnectionError("database unreachable")
+    yield
+
+
+def test_task_processes_that_all_fail_to_start_fail_the_start(app: Celery) -> None:
+    """Each child's lifespan fails: the start fails, however fast they all exit."""
+    app.conf.update(worker_anyio_processes=2, worker_anyio_lifespan=broken_lifespan)
+    pool = Pool(limit=2, app=app)
+    with pytest.raises(RuntimeError, match=r"task process \d exited while starting"):
+        pool.start()
+    assert not pool.did_start_ok()
