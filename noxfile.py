@@ -21,6 +21,9 @@ CELERY = {
 }
 BACKENDS = ["asyncio", "trio"]
 CI_PYTHON = "3.11"
+# The worker tests mostly wait on real workers and brokers: two pytest processes (one
+# file each at a time, so a file's shared workers start once per process) halve CI.
+PARALLEL = ["-n", "2", "--dist", "loadfile"]
 # The benchmark harness (psutil, redis), the gevent pool it compares against, and
 # the other task queues it runs as references on the same Redis (taskiq, saq).
 BENCH_DEPS = [
@@ -50,8 +53,8 @@ def ci(session: nox.Session) -> None:
     ``--processes 1``, and the worker tests again with ``--processes 2`` on Redis
     (``nox -s tests`` runs both counts on both brokers)."""
     _install(session)
-    _pytest(session, "--processes", "1")
-    _pytest(session, "-m", "worker", "--processes", "2", "--broker", "redis")
+    _pytest(session, *PARALLEL, "--processes", "1")
+    _pytest(session, *PARALLEL, "-m", "worker", "--processes", "2", "--broker", "redis")
 
 
 @nox.session(python=PYTHONS)
@@ -61,7 +64,7 @@ def tests(session: nox.Session, celery: str, backend: str) -> None:
     """Full matrix: Python x Celery x backend; each run covers Redis and RabbitMQ."""
     _install(session, celery)
     session.env["CELERY_ANYIO_BACKENDS"] = backend
-    _pytest(session)
+    _pytest(session, *PARALLEL)
 
 
 @nox.session(python=CI_PYTHON)

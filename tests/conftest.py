@@ -101,6 +101,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--processes 2`` alone selects the cells that run with several processes.
+
+    Everything else (tests that do not vary with ``--processes``, single-process
+    tests) runs whenever 1 is among the counts, so a pass with 1 and a pass with 2
+    cover each test once.
+    """
+    if "1" in _selected(config, "--processes", "CELERY_ANYIO_PROCESSES", PROCESSES):
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("pool_backend") if callspec is not None else None
+        several = isinstance(backend, PoolBackend) and backend.processes > 1
+        (keep if several else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(
     params=[p for name in BACKENDS if name in selected_backends() for p in ANYIO_BACKENDS[name]]
 )
