@@ -62,6 +62,11 @@ class _Child:
         self.share = share
         self.process: Any = None
         self.sock: socket.socket | None = None
+        # The same socket under a second file number, for the hub's writer: kombu's
+        # hub polls one set of events per file number, and registering the reader's
+        # number again for writing is silently ignored (a job larger than the
+        # socket's buffer would then never be sent in full).
+        self.wsock: socket.socket | None = None
         self.frames = Frames()
         self.outbox = bytearray()
         self.writing = False  # a writer is registered with the hub
@@ -147,7 +152,13 @@ class ProcessGroup:
 
     def _fork(self, child: _Child) -> None:
         ours, theirs = socket.socketpair()
-        siblings = [c.sock for c in self._children if c.sock is not None and c is not child]
+        siblings = [
+            sock
+            for c in self._children
+            if c is not child
+            for sock in (c.sock, c.wsock)
+            if sock is not None
+        ]
         context = billiard.get_context("fork")
         process = context.Process(  # type: ignore[attr-defined]  # billiard-stubs: BaseContext
             target=_child_entry,
@@ -166,7 +177,7 @@ class ProcessGroup:
         process.start()
         theirs.close()
         ours.setblocking(False)
-        child.process, child.sock, child.pid = process, ours, process.pid
+        child.process, child.sock, child.wsock, child.pid = process, ours, ours.dup(), process.pid
         child.frames, child.outbox, child.writing = Frames(), bytearray(), False
         child.ready = child.gone = child.retiring = False
         child.completed = child.assigned = 0
@@ -199,8 +210,8 @@ class ProcessGroup:
         """Read (and write) the children's sockets once, outside the hub."""
         with self._lock:
             readers = [c.sock for c in self._children if c.sock is not None and not c.gone]
-            writers = [c.sock for c in self._children if c.outbox and not c.gone and c.sock]
-            by_sock = {c.sock: c for c in self._children}
+            writers = [c.wsock for c in self._children if c.outbox and not c.gone and c.wsock]
+            by_sock = {sock: c for c in self._children for sock in (c.sock, c.wsock)}
         if not readers:
             return
         try:
@@ -240,7 +251,7 @@ class ProcessGroup:
         self._flush_outbox(child)
 
     def _flush_outbox(self, child: _Child) -> None:
-        sock = child.sock
+        sock = child.wsock
         if sock is None or child.gone or not child.outbox:
             return
         try:
@@ -253,8 +264,6 @@ class ProcessGroup:
         hub = self._hub
         if hub is None:
             return
-        # kombu's hub keys its callbacks by file number, and remove_writer keeps
-        # the reader only when one is registered under the same number.
         if child.outbox and not child.writing:
             child.writing = True
             hub.add_writer(sock.fileno(), self._on_writable, child)
@@ -396,12 +405,15 @@ class ProcessGroup:
 
     def _child_gone(self, child: _Child) -> None:
         child.gone = True
-        sock, child.sock = child.sock, None
-        if sock is not None:
+        for sock in (child.sock, child.wsock):
+            if sock is None:
+                continue
             if self._hub is not None:
                 with contextlib.suppress(Exception):
                     self._hub.remove(sock.fileno())
             sock.close()
+        child.sock = child.wsock = None
+        child.writing = False
         process = child.process
         process.join(CANCEL_GRACE_SECONDS)
         exitcode = process.exitcode

@@ -27,6 +27,15 @@ def test_200_sleeping_tasks_run_concurrently(client: Client) -> None:
     assert elapsed < 10, elapsed
 
 
+def test_arguments_larger_than_a_socket_buffer_reach_their_task(client: Client) -> None:
+    """Megabytes of arguments (a job message that does not fit in one socket write to a
+    task process), several at once, and the tasks sent after them."""
+    big = [client.send("total", [1] * (1_000_000 + i)) for i in range(3)]
+    after = [client.send("add", i, i) for i in range(20)]
+    assert [r.get(timeout=60) for r in big] == [1_000_000 + i for i in range(3)]
+    assert [r.get(timeout=60) for r in after] == [2 * i for i in range(20)]
+
+
 def test_bound_tasks_see_their_own_request(client: Client) -> None:
     results = [client.send("whoami", 0.05 + (i % 7) / 100) for i in range(200)]
     for result in results:
