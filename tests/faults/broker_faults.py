@@ -63,7 +63,7 @@ def run(
             settle(lanes, settings.stall)
             rescue(lanes, settings.stall)
             for lane in lanes:
-                row = count(lane, recover_from=back_at)
+                row = count(lane, recover_from=back_at, fault_at=fault_at)
                 row.notes.insert(0, f"fault at {at_fault[lane.pool.name]}/{lane.sent} ran; {note}")
                 row.extra.update(fault_at=fault_at, back_at=back_at)
                 result.rows.append(row)

@@ -123,7 +123,7 @@ def record(key: str, member: str, started: float) -> None:
     """Count one execution of ``member``, with when it started and ended."""
     pipe = _tally_store().pipeline(transaction=False)
     pipe.hincrby(key, member, 1)
-    pipe.rpush(f"{key}:done", f"{started:.6f} {time.time():.6f}")
+    pipe.rpush(f"{key}:done", f"{started:.6f} {time.time():.6f} {member}")
     pipe.expire(key, TALLY_TTL)
     pipe.expire(f"{key}:done", TALLY_TTL)
     pipe.execute()

@@ -215,8 +215,18 @@ def probe(lane: Lane) -> str:
     return f"no: {'answers ping' if pinged else 'no reply to ping'}, {drained}"
 
 
-def count(lane: Lane, recover_from: float | None = None, expected_stop: bool = False) -> Row:
-    """The lane's row: ran, succeeded, lost, twice, alive, recovery, notes."""
+def count(
+    lane: Lane,
+    recover_from: float | None = None,
+    expected_stop: bool = False,
+    fault_at: float | None = None,
+) -> Row:
+    """The lane's row: ran, succeeded, lost, twice, alive, recovery, notes.
+
+    With ``fault_at``, the tasks that ran twice are split by when their first run
+    ended: before the fault (finished, but the ack had not reached the broker) or
+    after it (running when the fault came).
+    """
     alive = probe(lane)
     if lane.stopped_draining:
         alive = f"no: {lane.stopped_draining}" + (" (fresh worker: yes)" if alive == "yes" else "")
@@ -233,9 +243,26 @@ def count(lane: Lane, recover_from: float | None = None, expected_stop: bool = F
         if states:
             row.notes.append("results: " + ", ".join(f"{n} {s}" for s, n in states.most_common()))
     if recover_from is not None:
-        row.recover_s = first_completion_after(lane.tally.timings(), recover_from)
-        if row.recover_s is None:
+        timings = lane.tally.timings()
+        row.recover_s = first_completion_after(timings, recover_from)
+        if row.recover_s is None and row.lost == 0 and timings:
+            # A broker that takes seconds to stop (rabbitmqctl stop) serves until then.
+            row.drained_before_return = max(ended for _, ended in timings) < recover_from
+        if row.drained_before_return:
+            row.notes.append("every task had run before the broker came back")
+        elif row.recover_s is None:
             row.notes.append("no task started after the fault completed")
+    if fault_at is not None and row.twice:
+        ends = lane.tally.first_ends()
+        before = sorted(fault_at - ends[m] for m, n in counts.items() if n >= 2 and m in ends)
+        before = [seconds for seconds in before if seconds > 0]
+        row.extra["twice_finished_before_fault"] = len(before)
+        if before:
+            row.notes.append(
+                f"of those run twice, {len(before)} had finished before the fault "
+                f"(by up to {max(before):.2f}s, median {before[len(before) // 2]:.2f}s: "
+                "their acks had not reached the broker), the rest were running"
+            )
     if max(counts.values(), default=0) > 2:
         row.notes.append(f"max executions of one task: {max(counts.values())}")
     row.notes.extend(lane.notes)

@@ -19,7 +19,7 @@ CHUNK = 500
 
 class Tally:
     """The hash ``key`` (member: task index, value: executions) and ``key:done``
-    (one ``"<started> <ended>"`` entry per execution, epoch seconds)."""
+    (one ``"<started> <ended> <member>"`` entry per execution, epoch seconds)."""
 
     def __init__(self, store: redis.Redis, key: str) -> None:
         self.store = store
@@ -37,9 +37,17 @@ class Tally:
     def timings(self) -> list[tuple[float, float]]:
         out = []
         for entry in self.store.lrange(f"{self.key}:done", 0, -1):
-            started, ended = entry.split()
+            started, ended = _text(entry).split()[:2]
             out.append((float(started), float(ended)))
         return out
+
+    def first_ends(self) -> dict[str, float]:
+        """When each task's first execution ended."""
+        ends: dict[str, float] = {}
+        for entry in self.store.lrange(f"{self.key}:done", 0, -1):
+            _, ended, member = _text(entry).split()
+            ends[member] = min(float(ended), ends.get(member, float("inf")))
+        return ends
 
     def delete(self) -> None:
         self.store.delete(self.key, f"{self.key}:done")
