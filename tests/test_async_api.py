@@ -88,8 +88,11 @@ def test_a_lifespan_that_fails_stops_the_worker_with_a_clear_error(
     args = [*pool_args(pool_backend)]
     conf = {"worker_anyio_lifespan": "tests.limitsapp:broken_lifespan"}
     worker = Worker(namespace, queue, args, conf=conf, app_module="tests.limitsapp")
-    with pytest.raises(RuntimeError, match="worker exited with 1"):
-        worker.start()
+    try:
+        with pytest.raises(RuntimeError, match="worker exited with 1"):
+            worker.start()
+    finally:
+        worker.stop()  # a worker that came up after all must not outlive the test
     assert "the worker lifespan failed to start: ConnectionError('database unreachable')" in (
         worker.log()
     )

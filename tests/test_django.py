@@ -138,8 +138,11 @@ def test_results_on_the_loop_with_django_db_are_refused(
     worker = _worker(
         namespace, database, pool_backend, app_name, {"worker_anyio_result_threads": 0}
     )
-    with pytest.raises(RuntimeError, match="worker exited"):
-        worker.start()
+    try:
+        with pytest.raises(RuntimeError, match="worker exited"):
+            worker.start()
+    finally:
+        worker.stop()  # a worker that came up after all must not outlive the test
     assert "worker_anyio_result_threads = 0 stores async tasks' results" in worker.log()
 
 
