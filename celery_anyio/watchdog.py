@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from time import monotonic
 from types import FrameType
@@ -78,7 +78,7 @@ class LoopMonitor:
             )
 
     def _report(self, lag: float, culprits: list[tuple[str | None, str]]) -> None:
-        task = _sole_task(culprits)
+        task = _main_task(culprits)
         if task is not None:
             where = [seen for named, seen in culprits if named == task][-1]
             logger.warning(
@@ -130,19 +130,20 @@ class LoopMonitor:
         return self._task_in_stack(frame), where
 
 
-def _sole_task(culprits: list[tuple[str | None, str]]) -> str | None:
-    """The one task seen on the loop's stack in most of the samples, if any.
+def _main_task(culprits: list[tuple[str | None, str]]) -> str | None:
+    """The task seen on the loop's stack in most of the samples, if any.
 
-    Samples without a task come from the loop's own code: a sample taken just
-    before or after the blocking call must not hide the task that made it, but
-    a task seen only now and then while the loop waited (for the GIL, or the
-    OS) is not the culprit; nor is any task when two or more were seen.
+    Sampling starts at half the threshold, so on a busy loop the first samples
+    of a long block may name other tasks that ran just before it, and samples
+    without a task come from the loop's own code: neither may hide the task that
+    held the loop for most of the lag.  A task seen only now and then while the
+    loop waited (for the GIL, or the OS) is not the culprit; nor is any task
+    when none holds most of the samples.
     """
-    named = {task for task, _ in culprits if task is not None}
-    if len(named) != 1:
+    seen = Counter(task for task, _ in culprits if task is not None)
+    if not seen:
         return None
-    (task,) = named
-    hits = sum(1 for seen, _ in culprits if seen == task)
+    task, hits = seen.most_common(1)[0]
     return task if hits * 2 > len(culprits) else None
 
 

@@ -43,6 +43,16 @@ def test_a_sample_in_the_loops_own_code_does_not_hide_the_task(
     assert f"by task {BLOCKER} (at app.py:3 in blocker)" in verdict
 
 
+def test_other_tasks_seen_before_a_long_block_do_not_hide_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A busy loop is late before the block starts: its first samples name others."""
+    culprits = [(OTHER, "app.py:9 in other")] * 3 + [(BLOCKER, "app.py:3 in blocker")] * 200
+    verdict = _verdict(caplog, [*culprits, (None, "asyncio/events.py:1 in _run")])
+    assert verdict.startswith("WARNING")
+    assert f"by task {BLOCKER} (at app.py:3 in blocker)" in verdict
+
+
 @pytest.mark.parametrize(
     "culprits",
     [
