@@ -203,7 +203,7 @@ def profile_once(
         }
         busy = psutil.cpu_times()
         idle = (busy.idle + busy.iowait) - (machine.idle + machine.iowait)
-        profile.machine_busy = psutil.cpu_count() - idle / profile.seconds
+        profile.machine_busy = (psutil.cpu_count() or 1) - idle / profile.seconds
         profile.others = {
             name: seconds - others.get(name, 0.0) for name, seconds in process_cpu(pids).items()
         }
