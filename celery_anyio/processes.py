@@ -25,6 +25,7 @@ blocks the consumer: writes that do not fit wait in the hub's writer.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -131,6 +132,12 @@ class ProcessGroup:
         """Fork every child and wait until each is ready for jobs."""
         self._revoked = revoked
         self._starting = True
+        # A child's pages stay shared with this process only while neither writes
+        # to them, and a garbage collection writes to every object it visits. The
+        # heap as it is now (modules, the app, the worker) lives as long as the
+        # worker: freeze it, so that no collection on either side visits it.
+        gc.collect()
+        gc.freeze()
         for child in self._children:
             self._fork(child)
         deadline = monotonic() + READY_TIMEOUT_SECONDS
@@ -559,6 +566,9 @@ class ProcessGroup:
 
 def _child_entry(*args: Any) -> None:
     """billiard's process target: the child's life, then its exit code."""
+    # Everything inherited, out of reach of the child's collections (a replacement
+    # is forked from a main process whose heap is not frozen).
+    gc.freeze()
     raise SystemExit(run_child(*args))
 
 

@@ -7,6 +7,7 @@ Every process that runs tasks records its ``worker_process_init`` and
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -72,3 +73,10 @@ async def block_loop(key: str, seconds: float) -> str:
     _tally(key, "started:blocker")
     time.sleep(seconds)  # noqa: ASYNC251 - the point of the task
     return "unblocked"
+
+
+@app.task
+async def frozen() -> tuple[int, int]:
+    """Its process's id and how many objects its garbage collector never visits."""
+    await anyio.sleep(0.05)
+    return os.getpid(), gc.get_freeze_count()

@@ -80,6 +80,9 @@ def test_every_task_process_is_initialised_and_shut_down(lifecycle: Lifecycle) -
     }
     ran = {r.get(timeout=30) for r in [lifecycle.send("where", key(), "x", 0.2) for _ in range(10)]}
     assert ran == set(pids)  # both processes took tasks
+    # What a child inherits stays out of its garbage collections (shared pages).
+    frozen = dict(r.get(timeout=30) for r in [lifecycle.send("frozen") for _ in range(10)])
+    assert all(count > 0 for count in frozen.values()), frozen
     assert lifecycle.worker.stop(EXIT_BOUND) == 0
     events = lifecycle.events()
     assert {m for m in events if m.startswith("shutdown:")} == {f"shutdown:{p}" for p in pids}
@@ -124,7 +127,11 @@ def test_max_tasks_per_child_recycles_without_cutting_a_task(lifecycle: Lifecycl
     seen = tallies(lifecycle.client, k)
     assert all(seen[f"started:{i}"] == seen[f"finished:{i}"] == 1 for i in range(40)), seen
     assert len(set(ran_in)) >= 8  # 40 tasks, 5 per process
-    assert set(lifecycle.pids()).isdisjoint(first)
+    fresh = set(lifecycle.pids())
+    assert fresh.isdisjoint(first)
+    # A replacement, too, keeps what it inherits shared (no collection visits it).
+    frozen = dict(r.get(timeout=30) for r in [lifecycle.send("frozen") for _ in range(4)])
+    assert set(frozen) <= fresh and all(count > 0 for count in frozen.values()), frozen
     log = lifecycle.worker.log()
     assert "retires: it took 5 tasks (--max-tasks-per-child)" in log
     assert "WorkerLostError" not in log and "exited with" not in log
