@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -151,6 +152,7 @@ class _Child:
         correlation_id: str | None,
     ) -> None:
         kwargs = {"app": self.app} if target == "trace_task_ret" else {}
+        args = _with_shared_keys(args)
         send = self.link.send
         job = Job(
             target=TARGETS[target],
@@ -180,6 +182,28 @@ class _Child:
                 self.max_memory,
             )
             self.link.send("retiring")
+
+
+def _with_shared_keys(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The tracer's arguments, the request's keys shared with every other job's.
+
+    Unpickling makes new strings for the ~30 keys of each job's request dict (and
+    its nested ones), which a job keeps for as long as it runs: interned, all
+    jobs of the process hold one copy of each.
+    """
+    if len(args) > 2 and type(args[2]) is dict:
+        name = sys.intern(args[0]) if type(args[0]) is str else args[0]
+        return (name, args[1], _interned_keys(args[2]), *args[3:])
+    return args
+
+
+def _interned_keys(mapping: dict[Any, Any]) -> dict[Any, Any]:
+    return {
+        (sys.intern(key) if type(key) is str else key): (
+            _interned_keys(value) if type(value) is dict else value
+        )
+        for key, value in mapping.items()
+    }
 
 
 def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:

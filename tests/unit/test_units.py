@@ -15,6 +15,7 @@ from kombu.asynchronous import Hub
 from kombu.message import Message
 
 from celery_anyio import TaskExceptionGroup, TaskExited
+from celery_anyio.child import _with_shared_keys
 from celery_anyio.consumer_thread import ConsumerThread, guard_prefetch_restore
 from celery_anyio.ipc import Frames, frame
 from celery_anyio.messages import protocol_problem
@@ -169,6 +170,17 @@ def test_frames_survive_any_cut_of_the_stream() -> None:
             for m in frames.feed(stream[start : start + step])
         ]
         assert got == messages
+
+
+def test_a_task_process_keeps_one_copy_of_the_request_keys() -> None:
+    request = {"id": "a", "delivery_info": {"routing_key": "celery"}, "retries": 0}
+    sent = frame(("job", ("tasks.add", "a", request, b"[]", "application/json", "utf-8")))
+    jobs = [_with_shared_keys(next(Frames().feed(sent))[1]) for _ in range(2)]
+    assert jobs[0] == jobs[1] and jobs[0][2] == request
+    first, second = (list(job[2]) + list(job[2]["delivery_info"]) for job in jobs)
+    assert all(a is b for a, b in zip(first, second, strict=True))
+    assert jobs[0][0] is jobs[1][0]  # the task name too
+    assert _with_shared_keys(("not", "a tracer")) == ("not", "a tracer")
 
 
 # -- patches: reconnect --------------------------------------------------------------
