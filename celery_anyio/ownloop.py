@@ -4,11 +4,14 @@ Used where no worker loop can take it: eager mode (``task.apply()``) and
 signal receivers sent outside a worker.  A thread that already runs an event
 loop cannot start another, so there the coroutine runs on a helper thread
 while the caller waits.  The helper does not copy the caller's context (it
-holds the caller's running-loop markers); ``before`` sets what it needs.
+holds the caller's running-loop markers); ``before`` sets what it needs.  In the
+caller's own thread the loop runs in a copy of the caller's context, so what
+``before`` sets (the job's identity) does not outlive the call there.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,7 +39,7 @@ def run_on_own_loop(
     try:
         anyio.lowlevel.current_token()
     except Exception:  # noqa: BLE001 - NoEventLoopError: this thread runs no loop
-        return run_here()
+        return contextvars.copy_context().run(run_here)
 
     result: list[outcome.Outcome[Any]] = []
     helper = threading.Thread(

@@ -11,6 +11,7 @@ import pytest
 from celery import Celery
 
 import celery_anyio
+from celery_anyio.context import job_identity
 
 from .harness import selected_backends
 
@@ -41,6 +42,14 @@ def app(request: pytest.FixtureRequest) -> Iterator[Celery]:
 def test_apply_runs_the_body_and_returns_its_value(app: Celery) -> None:
     result = app.tasks[f"{__name__}.double"].apply(args=(21,), task_id="t-1")
     assert result.get() == {"value": 42, "id": "t-1", "before": "t-1"}
+
+
+def test_apply_leaves_the_callers_context_as_it_was(app: Celery) -> None:
+    # The eager body runs as a job of its own; that identity must not stay behind
+    # in the calling thread, where threads started later would inherit it.
+    assert job_identity.get() is None
+    app.tasks[f"{__name__}.double"].apply(args=(1,))
+    assert job_identity.get() is None
 
 
 def test_apply_reports_failures(app: Celery) -> None:
