@@ -188,22 +188,27 @@ def _with_shared_keys(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The tracer's arguments, the request's keys shared with every other job's.
 
     Unpickling makes new strings for the ~30 keys of each job's request dict (and
-    its nested ones), which a job keeps for as long as it runs: interned, all
-    jobs of the process hold one copy of each.
+    of Celery's dicts in it: ``delivery_info``, ...), which a job keeps for as
+    long as it runs: interned, all jobs of the process hold one copy of each.
+    The task's own ``kwargs`` are passed as they are: they are the caller's data,
+    of any size and depth.
     """
     if len(args) > 2 and type(args[2]) is dict:
         name = sys.intern(args[0]) if type(args[0]) is str else args[0]
-        return (name, args[1], _interned_keys(args[2]), *args[3:])
+        request = {
+            _interned(key): (
+                {_interned(k): v for k, v in value.items()}
+                if type(value) is dict and key != "kwargs"
+                else value
+            )
+            for key, value in args[2].items()
+        }
+        return (name, args[1], request, *args[3:])
     return args
 
 
-def _interned_keys(mapping: dict[Any, Any]) -> dict[Any, Any]:
-    return {
-        (sys.intern(key) if type(key) is str else key): (
-            _interned_keys(value) if type(value) is dict else value
-        )
-        for key, value in mapping.items()
-    }
+def _interned(key: Any) -> Any:
+    return sys.intern(key) if type(key) is str else key
 
 
 def _picklable(message: tuple[Any, ...]) -> tuple[Any, ...]:

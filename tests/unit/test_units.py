@@ -173,13 +173,19 @@ def test_frames_survive_any_cut_of_the_stream() -> None:
 
 
 def test_a_task_process_keeps_one_copy_of_the_request_keys() -> None:
-    request = {"id": "a", "delivery_info": {"routing_key": "celery"}, "retries": 0}
+    request = {
+        "id": "a",
+        "delivery_info": {"routing_key": "celery"},
+        "retries": 0,
+        "kwargs": {"user": {"deep": {}}},
+    }
     sent = frame(("job", ("tasks.add", "a", request, b"[]", "application/json", "utf-8")))
     jobs = [_with_shared_keys(next(Frames().feed(sent))[1]) for _ in range(2)]
     assert jobs[0] == jobs[1] and jobs[0][2] == request
     first, second = (list(job[2]) + list(job[2]["delivery_info"]) for job in jobs)
     assert all(a is b for a, b in zip(first, second, strict=True))
     assert jobs[0][0] is jobs[1][0]  # the task name too
+    assert jobs[0][2]["kwargs"] == request["kwargs"]  # the task's own data, as it came
     assert _with_shared_keys(("not", "a tracer")) == ("not", "a tracer")
 
 
