@@ -11,14 +11,17 @@ this pool that is the loop thread, and after a RabbitMQ restart the two
 threads ended up waiting on the same socket.  :func:`guard_prefetch_restore`
 sends that call to the hub when it is made from another thread.
 
-Two more things keep acks prompt:
-
-* kombu < 5.7's hub does not wake up for a callback queued from another
-  thread: the pool wakes it after each job's report (:meth:`ConsumerThread.wake`);
-* an ack queued from the consumer's own thread (``--processes N``: the
-  ``Request`` callbacks run there) waits for the hub's next pass, which first
-  sleeps in its poll until some broker traffic or a timer: the pool wakes it
-  then too, so the ack goes out at once instead of up to a second later.
+Acks must also be prompt: with ``acks_late``, every finished task whose ack has
+not reached the broker runs again if the connection is lost.  A callback queued
+on the hub waits for the hub's next pass, and under load one pass reads a
+long batch of messages first (each read queues the next), so acks queued from
+the loop thread waited tens to hundreds of milliseconds.  This pool's acks and
+rejects therefore go to the :class:`ConsumerThread`'s own queue
+(:func:`route_acks`), which the consumer's thread sends on the hub's next pass
+*and* before it hands the pool each new message (:meth:`ConsumerThread.send_acks`):
+no more than one message's handling behind the task's end.  The hub is woken
+for them (kombu < 5.7 does not wake for a callback queued from another thread,
+and one queued from its own thread waits for its poll).
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections import deque
+from collections.abc import Callable
 from functools import partial, wraps
 from typing import Any
+
+from vine import ppartial
 
 _GUARDED = "__celery_anyio_guarded__"
 #: The consumer's thread of each hub the pool was given (kombu < 5.7 keeps none).
@@ -42,6 +49,10 @@ class ConsumerThread:
         self._ident: int | None = None
         self._waker: socket.socket | None = None
         self._hub_wakes_itself = False
+        self._acks: deque[Callable[[], Any]] = deque()
+        self._send_scheduled = False
+        #: True while the pool takes a message: the consumer is inside a read.
+        self.taking_message = False
 
     def register(self, hub: Any) -> None:
         """Called by Celery on the consumer's thread, with the worker's hub."""
@@ -69,6 +80,32 @@ class ConsumerThread:
     def on_consumer_thread(self) -> bool:
         return self._hub is None or threading.get_ident() == self._ident
 
+    def queue_ack(self, call: Callable[[], Any]) -> None:
+        """Send ``call`` (an ack or reject) from the consumer's thread, soon; any thread."""
+        self._acks.append(call)
+        if not self._send_scheduled:  # one pass for a batch; a duplicate is harmless
+            self._send_scheduled = True
+            self._hub.call_soon(self.send_acks)
+            self.wake()
+
+    def send_acks(self) -> None:
+        """On the consumer's thread: send every queued ack and reject, in order, now.
+
+        An error propagates to the caller (from the hub: the consumer's loop, as
+        for Celery's own acks); what is still queued goes out on the next pass.
+        """
+        self._send_scheduled = False  # before draining: a later ack schedules again
+        acks = self._acks
+        while acks:
+            call = acks.popleft()
+            try:
+                call()
+            except BaseException:
+                if acks:
+                    self._send_scheduled = True
+                    self._hub.call_soon(self.send_acks)
+                raise
+
     def wake(self) -> None:
         """Make the hub take its queued callbacks (acks) now, from any thread."""
         waker = self._waker
@@ -81,8 +118,44 @@ class ConsumerThread:
             waker.send(b"\0")
 
 
+def route_acks(consumer_cls: Any) -> None:
+    """Send the acks and rejects of this pool's jobs through its :class:`ConsumerThread`.
+
+    Celery queues each on the hub (``Consumer.call_soon_ack``; ``call_soon`` before
+    Celery 5.7); a consumer whose pool has a consumer thread with a hub hands them to
+    it instead.  Everything else is left to Celery.
+    """
+    name = "call_soon_ack" if "call_soon_ack" in vars(consumer_cls) else "call_soon"
+    stock = vars(consumer_cls)[name]
+    if getattr(stock, _GUARDED, False):
+        return
+
+    @wraps(stock)
+    def call_soon_ack(self: Any, p: Any, *args: Any, **kwargs: Any) -> Any:
+        consumer_thread = getattr(getattr(self, "pool", None), "consumer_thread", None)
+        if (
+            consumer_thread is None
+            or not consumer_thread.has_hub
+            or (name == "call_soon" and not _is_ack(p))
+        ):
+            return stock(self, p, *args, **kwargs)
+        call = ppartial(p, *args, **kwargs)
+        consumer_thread.queue_ack(call)
+        return call
+
+    setattr(call_soon_ack, _GUARDED, True)
+    setattr(consumer_cls, name, call_soon_ack)
+
+
+def _is_ack(callback: Any) -> bool:
+    """``Message.ack_log_error`` or ``reject_log_error``: what Celery queues per task."""
+    return getattr(callback, "__name__", None) in ("ack_log_error", "reject_log_error") and (
+        getattr(callback, "__self__", None) is not None
+    )
+
+
 def guard_prefetch_restore(consumer_cls: Any) -> None:
-    """Make the consumer's prefetch restore run on its hub's thread."""
+    """Make the consumer's prefetch restore run on its hub's thread, from the hub."""
     stock = consumer_cls.__dict__.get("_restore_prefetch_count_after_connection_restart")
     if stock is None or getattr(stock, _GUARDED, False):
         return  # a Celery without it (< 5.5), or done already
@@ -91,7 +164,11 @@ def guard_prefetch_restore(consumer_cls: Any) -> None:
     def restore(self: Any, *args: Any, **kwargs: Any) -> Any:
         hub: Any = getattr(self, "hub", None)
         owner = _hub_thread(hub) if hub is not None else None
-        if owner is not None and threading.get_ident() != owner:
+        consumer_thread = getattr(getattr(self, "pool", None), "consumer_thread", None)
+        # Its basic_qos waits for the broker's reply, reading (and handling) the
+        # messages that come first: not from inside the handling of one.
+        inside_a_read = consumer_thread is not None and consumer_thread.taking_message
+        if owner is not None and (threading.get_ident() != owner or inside_a_read):
             hub.call_soon(partial(stock, self, *args, **kwargs))
             return None
         return stock(self, *args, **kwargs)

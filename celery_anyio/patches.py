@@ -45,6 +45,12 @@ the pool from starting:
     Reject a malformed task message with a clear error instead of letting it
     end the worker (see :mod:`celery_anyio.messages`): wraps the handler
     ``Consumer.create_task_handler`` returns, in a worker running this pool.
+``acks``
+    Hand the acks and rejects of this pool's jobs (``Consumer.call_soon_ack``;
+    ``call_soon`` before Celery 5.7) to the pool's consumer thread, which sends
+    them before it takes each new message as well as on the hub's next pass
+    (see :mod:`celery_anyio.consumer_thread`).  Without it they wait for the
+    hub's next pass, behind a batch of received messages.
 ``prefetch``
     Run ``Consumer._restore_prefetch_count_after_connection_restart``, which
     Celery chains onto the acks after a reconnect (a ``basic_qos`` on the
@@ -79,6 +85,7 @@ PATCHES = (
     "aio",
     "events",
     "messages",
+    "acks",
     "prefetch",
     "reconnect",
     "signals",
@@ -141,6 +148,7 @@ def install_worker(app: Any) -> None:
     patch_request_stacks(app)
     lock_event_dispatcher()  # before the consumer creates its dispatcher
     guard_task_messages()  # before the consumer's loop builds its handler
+    route_acks()  # ... and binds call_soon_ack into it
     guard_prefetch_restore()  # ... and chains the restore onto its acks
     tolerate_closing_a_lost_channel()
 
@@ -440,6 +448,17 @@ def guard_task_messages() -> None:
 
 
 # -- prefetch ----------------------------------------------------------------
+
+
+def route_acks() -> None:
+    """Send this pool's acks from the consumer's thread between messages, too."""
+    if not enabled("acks"):
+        return
+    from celery.worker.consumer.consumer import Consumer
+
+    from .consumer_thread import route_acks as route
+
+    route(Consumer)
 
 
 def guard_prefetch_restore() -> None:

@@ -57,7 +57,7 @@ class Pool(BasePool):
         django = DjangoTasks.of(self.app)
         if django is not None:  # in the worker process, before any task process starts
             django.check(self.app, self.backend, self.settings.result_threads)
-        self._consumer = ConsumerThread()
+        self.consumer_thread = ConsumerThread()
         self._runtime: TaskRuntime | None = None
         self._group: ProcessGroup | None = None
         if self.settings.processes > 1:
@@ -69,11 +69,11 @@ class Pool(BasePool):
                 self.hostname,
                 max_tasks_per_child=self.options.get("maxtasksperchild"),
                 max_memory_per_child=self.options.get("max_memory_per_child"),
-                after_callbacks=self._consumer.wake,
+                after_callbacks=self.consumer_thread.send_acks,
             )
         else:
             self._runtime = TaskRuntime(
-                self.app, self.settings, self.limit, after_report=self._consumer.wake
+                self.app, self.settings, self.limit, after_report=self.consumer_thread.wake
             )
         self._async_tasks: dict[str, bool] = {}
         self._shutdown_sent = False
@@ -116,7 +116,7 @@ class Pool(BasePool):
 
     def register_with_event_loop(self, hub: Any) -> None:
         """The consumer's hub: acks and rejects of our jobs run there."""
-        self._consumer.register(hub)
+        self.consumer_thread.register(hub)
         if self._group is not None:
             self._group.register(hub)
 
@@ -137,6 +137,7 @@ class Pool(BasePool):
         correlation_id: str | None = None,
         **_: Any,
     ) -> Job:
+        self._send_acks()
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         if target is celery_trace.trace_task_ret and self._runtime is not None:
@@ -167,6 +168,23 @@ class Pool(BasePool):
             # Not the message's fault: let the worker fail (and be restarted).
             raise PoolNotRunning(f"celery_anyio could not take task {job.label}: {exc}") from exc
         return job
+
+    def _send_acks(self) -> None:
+        """Send the acks of finished jobs before taking another message (see
+        :mod:`celery_anyio.consumer_thread`): this is the consumer's thread, inside
+        the consumer's read of that message."""
+        consumer_thread = self.consumer_thread
+        if not consumer_thread.has_hub or consumer_thread.taking_message:
+            return  # a message handed over while Celery waited for a reply to a call
+        consumer_thread.taking_message = True
+        try:
+            if self._group is not None:
+                self._group.take_reports()  # what the children finished: acks queued
+            consumer_thread.send_acks()
+        except Exception:  # Celery's ack_log_error logged it; the hub sends the rest
+            logger.debug("celery_anyio: an ack failed before a new message", exc_info=True)
+        finally:
+            consumer_thread.taking_message = False
 
     def _runs_async(self, target: Any, args: tuple[Any, ...]) -> bool:
         if target not in (celery_trace.fast_trace_task, celery_trace.trace_task_ret):

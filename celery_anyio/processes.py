@@ -125,6 +125,7 @@ class ProcessGroup:
         self._start_failure: str | None = None
         self._stats_round = 0
         self._revoked: Callable[[Job], bool] = lambda job: False
+        self._handling = False  # Celery's callbacks for the children's reports are running
 
     # -- start ---------------------------------------------------------------------
 
@@ -243,9 +244,39 @@ class ProcessGroup:
             if not data:
                 self._child_gone(child)
                 return
+            self._handle_all(child, data)
+        self._after_callbacks()
+
+    def take_reports(self) -> None:
+        """Handle what the children have reported so far, without waiting.
+
+        The consumer calls this before it hands over each new message: under load
+        the hub reads a long batch of messages before it polls the children's
+        sockets again, and the acks of jobs that ended meanwhile would wait for
+        it.  An ended child is left to the hub's reader.
+        """
+        if self._hub is None:
+            return  # the reader thread reads as soon as anything comes
+        with self._lock:
+            if self._handling:
+                return  # called from inside a callback: the reports are being handled
+            for child in list(self._children):
+                if child.gone or child.sock is None:
+                    continue
+                try:
+                    data = child.sock.recv(READ_SIZE)
+                except OSError:  # BlockingIOError: nothing yet
+                    continue
+                self._handle_all(child, data)
+
+    def _handle_all(self, child: _Child, data: bytes) -> None:
+        """Handle every whole message in ``data``; Celery's callbacks run here."""
+        self._handling = True
+        try:
             for message in child.frames.feed(data):
                 self._handle(child, message)
-        self._after_callbacks()
+        finally:
+            self._handling = False
 
     def _on_writable(self, child: _Child) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
-"""Acks and publishes under load: 20,000 tasks, none lost, none run twice."""
+"""Acks and publishes under load: 20,000 tasks, none lost, none run twice; acks
+sent before the consumer takes another message."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -9,11 +11,13 @@ from typing import Any
 import pytest
 import redis
 
-from .harness import Namespace, PoolBackend, Worker, pool_args
+from .ackwatch import ORDER_ENV
+from .harness import Namespace, PoolBackend, Worker, key, pool_args
 
 pytestmark = pytest.mark.worker
 
 TASKS = 20_000
+ORDERED_TASKS = 1_000
 
 
 def test_20000_tasks_none_lost_none_twice(namespace: Namespace, pool_backend: PoolBackend) -> None:
@@ -53,3 +57,48 @@ def test_20000_tasks_none_lost_none_twice(namespace: Namespace, pool_backend: Po
     finally:
         store.delete(key)
         client.close()
+
+
+def test_acks_go_out_before_the_consumer_takes_another_message(
+    namespace: Namespace, pool_backend: PoolBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``acks_late`` every finished task whose ack has not reached the broker
+    runs again if the connection is lost: an ack queued before the pool is handed
+    a message must be sent before the pool is handed the next one (under load the
+    consumer's hub reads a batch of messages per pass)."""
+    queue = namespace.queue(f"ackorder-{pool_backend.tag}")
+    order = key()
+    monkeypatch.setenv(ORDER_ENV, order)
+    store = redis.Redis.from_url(namespace.results_url)
+    client = namespace.client(queue)
+    args = [*pool_args(pool_backend), "-c", "50", "--prefetch-multiplier", "4"]
+    try:
+        with Worker(namespace, queue, args):
+            with client.app.producer_or_acquire() as producer:
+                results = [
+                    client.sig("late_sleepy", i, 0.01).apply_async(producer=producer)
+                    for i in range(ORDERED_TASKS)
+                ]
+            assert [r.get(timeout=120) for r in results] == list(range(ORDERED_TASKS))
+        raw = store.get(order)
+        assert raw is not None, "the worker recorded nothing"
+        events = json.loads(raw)
+    finally:
+        store.delete(order)
+        client.close()
+    pending: set[str] = set()  # queued, not sent yet
+    sent: set[str] = set()
+    due: set[str] = set()  # queued before the last message was handed over
+    late: set[str] = set()
+    for _, kind, task_id in sorted(events):
+        if kind == "apply":
+            late |= due & pending
+            due = set(pending)
+        elif kind == "queued" and task_id and task_id not in sent:
+            pending.add(task_id)
+        elif kind == "sent":
+            sent.add(task_id)
+            pending.discard(task_id)
+    assert len(sent) >= ORDERED_TASKS
+    assert not pending, f"{len(pending)} acks queued and never sent"
+    assert not late, f"{len(late)} acks still queued after the next message was taken"

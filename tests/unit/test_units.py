@@ -6,6 +6,7 @@ import json
 import pickle
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ from kombu.message import Message
 
 from celery_anyio import TaskExceptionGroup, TaskExited
 from celery_anyio.child import _with_shared_keys
-from celery_anyio.consumer_thread import ConsumerThread, guard_prefetch_restore
+from celery_anyio.consumer_thread import ConsumerThread, guard_prefetch_restore, route_acks
 from celery_anyio.ipc import Frames, frame
 from celery_anyio.messages import protocol_problem
 from celery_anyio.outcomes import translate
@@ -153,7 +154,120 @@ def test_the_prefetch_restore_runs_on_the_consumer_thread() -> None:
     for callback in hub._pop_ready():  # type: ignore[union-attr]  # kombu-stubs: one callback
         callback()
     assert ran_on == ["MainThread", "MainThread"]
+    # Inside the consumer's read of a message (the pool taking it), the restore's
+    # basic_qos would read and handle more messages in there: it waits for the hub.
+    consumer_thread = ConsumerThread()
+    consumer.pool = type("Pool", (), {"consumer_thread": consumer_thread})()  # type: ignore[attr-defined]
+    consumer_thread.taking_message = True
+    consumer._restore_prefetch_count_after_connection_restart(None)
+    assert ran_on == ["MainThread", "MainThread"]
+    assert _hub_pass(hub) == 1
+    assert ran_on == ["MainThread"] * 3
     hub.close()
+
+
+def _hub_pass(hub: Hub) -> int:
+    """Run what is queued on the hub, as its next pass does; how many callbacks."""
+    ready: Any = hub._pop_ready()  # kombu-stubs: one callback; kombu: a set of them
+    for callback in ready:
+        callback()
+    return len(ready)
+
+
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    hub = Hub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def consumer_thread(hub: Hub) -> ConsumerThread:
+    """Registered with ``hub`` from this thread, which is then the consumer's."""
+    consumer_thread = ConsumerThread()
+    consumer_thread.register(hub)
+    return consumer_thread
+
+
+def _in_thread(target: Any, *args: Any) -> None:
+    thread = threading.Thread(target=target, args=args, name="loop")
+    thread.start()
+    thread.join()
+
+
+def test_acks_from_another_thread_go_out_in_order_on_the_consumer_thread(
+    hub: Hub, consumer_thread: ConsumerThread
+) -> None:
+    sent: list[tuple[int, str]] = []
+    for n in range(3):
+        _in_thread(
+            consumer_thread.queue_ack, lambda n=n: sent.append((n, threading.current_thread().name))
+        )
+    assert sent == []
+    assert _hub_pass(hub) == 1  # one callback for the batch
+    assert sent == [(0, "MainThread"), (1, "MainThread"), (2, "MainThread")]
+
+
+def test_queued_acks_go_out_when_the_consumer_takes_a_message_and_the_hub_finds_none(
+    hub: Hub, consumer_thread: ConsumerThread
+) -> None:
+    sent: list[str] = []
+    _in_thread(consumer_thread.queue_ack, lambda: sent.append("ack"))
+    consumer_thread.send_acks()  # what the pool does before it takes a message
+    assert sent == ["ack"]
+    _hub_pass(hub)  # nothing left
+    assert sent == ["ack"]
+
+
+def test_an_ack_that_fails_propagates_and_leaves_the_rest_for_the_next_pass(
+    hub: Hub, consumer_thread: ConsumerThread
+) -> None:
+    sent: list[str] = []
+
+    def broken() -> None:
+        raise BrokenPipeError("the connection is gone")
+
+    consumer_thread.queue_ack(broken)
+    consumer_thread.queue_ack(lambda: sent.append("next"))
+    hub._pop_ready()  # the pass scheduled above: taken by hand below
+    with pytest.raises(BrokenPipeError):
+        consumer_thread.send_acks()
+    assert sent == []
+    _hub_pass(hub)
+    assert sent == ["next"]
+
+
+@pytest.mark.parametrize("celery_method", ["call_soon_ack", "call_soon"])
+def test_only_acks_of_this_pools_jobs_take_the_consumer_threads_queue(
+    celery_method: str, consumer_thread: ConsumerThread
+) -> None:
+    stock: list[Any] = []
+
+    def queue_on_hub(self: Any, p: Any, *args: Any) -> None:
+        stock.append(p)
+
+    consumer_cls = type("Consumer", (), {celery_method: queue_on_hub})
+    route_acks(consumer_cls)
+    route_acks(consumer_cls)  # idempotent
+    ours = consumer_cls()
+    ours.pool = type("Pool", (), {"consumer_thread": consumer_thread})()
+    other = consumer_cls()
+    other.pool = object()  # another pool: Celery's way
+    acked: list[str] = []
+
+    class Acked(Message):
+        def ack_log_error(self, logger: Any, errors: Any, multiple: bool = False) -> None:
+            acked.append("ack")
+
+    message = Acked(body="[]", headers={"task": "t", "id": "a"})
+    getattr(ours, celery_method)(message.ack_log_error, None, ())
+    getattr(other, celery_method)(message.ack_log_error, None, ())
+    assert len(stock) == 1  # the other pool's ack
+    consumer_thread.send_acks()
+    assert acked == ["ack"]
+    if celery_method == "call_soon":  # Celery < 5.7: the other callbacks stay Celery's
+        getattr(ours, celery_method)(print)
+        assert stock[-1] is print
 
 
 # -- ipc -----------------------------------------------------------------------------
