@@ -252,6 +252,11 @@ def count(
             row.notes.append("every task had run before the broker came back")
         elif row.recover_s is None:
             row.notes.append("no task started after the fault completed")
+    if fault_at is not None:
+        runs = lane.tally.first_runs()
+        running = sum(1 for started, ended in runs.values() if started < fault_at < ended)
+        row.extra["running_at_fault"] = running
+        row.notes.append(f"{running} running when the fault came")
     if fault_at is not None and row.twice:
         ends = lane.tally.first_ends()
         before = sorted(fault_at - ends[m] for m, n in counts.items() if n >= 2 and m in ends)

@@ -43,11 +43,16 @@ class Tally:
 
     def first_ends(self) -> dict[str, float]:
         """When each task's first execution ended."""
-        ends: dict[str, float] = {}
+        return {member: ended for member, (_, ended) in self.first_runs().items()}
+
+    def first_runs(self) -> dict[str, tuple[float, float]]:
+        """When each task's first execution started and ended."""
+        runs: dict[str, tuple[float, float]] = {}
         for entry in self.store.lrange(f"{self.key}:done", 0, -1):
-            _, ended, member = _text(entry).split()
-            ends[member] = min(float(ended), ends.get(member, float("inf")))
-        return ends
+            started, ended, member = _text(entry).split()
+            run = (float(started), float(ended))
+            runs[member] = min(run, runs.get(member, run))
+        return runs
 
     def delete(self) -> None:
         self.store.delete(self.key, f"{self.key}:done")
