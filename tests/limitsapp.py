@@ -200,6 +200,20 @@ async def late_counted(key: str, member: str, seconds: float) -> str:
     return member
 
 
+@app.task(acks_late=True)
+async def gated(key: str, member: str, gate: str, limit: float = 120) -> str:
+    """Counts starts and finishes per message; runs until the Redis key ``gate`` exists."""
+    import redis
+
+    store = redis.Redis.from_url(app.conf.result_backend)
+    _tally(key, f"started:{member}")
+    with anyio.fail_after(limit):
+        while not store.exists(gate):  # noqa: ASYNC110 - set by the test process
+            await anyio.sleep(0.02)
+    _tally(key, f"finished:{member}")
+    return member
+
+
 @app.task
 async def counted(key: str, member: str, seconds: float) -> str:
     _tally(key, f"started:{member}")
