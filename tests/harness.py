@@ -289,6 +289,17 @@ def wait_for_count(client: Client, key: str, member: str, count: int, timeout: f
     return seen
 
 
+def node_stats(app: Any, node: str, timeout: float = 30) -> dict[str, Any]:
+    """``inspect stats`` of one worker node: its reply as soon as it comes.
+
+    A worker busy with other tests' load can take seconds to answer; the bound
+    is generous because it costs nothing when the reply is prompt.
+    """
+    replies = app.control.inspect(timeout=timeout, destination=[node], limit=1).stats() or {}
+    assert node in replies, f"no stats from {node} in {timeout}s"
+    return dict(replies[node])
+
+
 def wait_until_done(client: Client, worker: Worker, task_id: str, timeout: float = 10) -> None:
     """Wait until ``worker`` holds ``task_id`` no more, neither running nor reserved.
 

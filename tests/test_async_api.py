@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .harness import Client, Namespace, PoolBackend, Worker, pool_args, wait_for_log
+from .harness import Client, Namespace, PoolBackend, Worker, node_stats, pool_args, wait_for_log
 
 pytestmark = pytest.mark.worker
 
@@ -32,8 +32,7 @@ def resources_client(namespace: Namespace, resources_worker: Worker) -> Iterator
 
 
 def pool_stats(client: Client, worker: Worker) -> dict[str, Any]:
-    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
-    return dict(replies[worker.node]["pool"])
+    return dict(node_stats(client.app, worker.node)["pool"])
 
 
 def node(client: Client, worker: Worker) -> list[str]:

@@ -17,6 +17,7 @@ from .harness import (
     PoolBackend,
     Worker,
     key,
+    node_stats,
     pool_args,
     send,
     tallies,
@@ -208,7 +209,7 @@ def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
     )
     assert 0.5 <= float(found.group(1)) < 5  # about the 0.6 s it slept
     node = limits_worker.node
-    pool = (limits.app.control.inspect(timeout=5, destination=[node]).stats() or {})[node]["pool"]
+    pool = node_stats(limits.app, node)["pool"]
     assert pool["loop-lag-ms"]["max"] >= 500
     assert limits.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .harness import ROOT, Namespace, PoolBackend, Worker, pool_args
+from .harness import ROOT, Namespace, PoolBackend, Worker, node_stats, pool_args
 
 pytestmark = pytest.mark.worker
 
@@ -27,10 +27,10 @@ def celery(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def pool_stats(namespace: Namespace, worker: Worker) -> dict[str, object]:
     client = namespace.client(worker.queue)
     try:
-        replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
+        stats = node_stats(client.app, worker.node)
     finally:
         client.close()
-    return dict(replies[worker.node]["pool"])
+    return dict(stats["pool"])
 
 
 def test_help_lists_backend_option() -> None:

@@ -17,6 +17,7 @@ from .harness import (
     PoolBackend,
     Worker,
     key,
+    node_stats,
     tallies,
     wait_for_log,
     wait_until_started,
@@ -40,8 +41,7 @@ class Lifecycle:
 
     def pids(self) -> list[int]:
         node = self.worker.node
-        replies = self.client.app.control.inspect(timeout=5, destination=[node]).stats() or {}
-        return list(replies[node]["pool"]["processes"])
+        return list(node_stats(self.client.app, node)["pool"]["processes"])
 
     def events(self) -> dict[str, int]:
         return tallies(self.client, self.record, timeout=0)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from .harness import Namespace, PoolBackend, Worker, pool_args
+from .harness import Namespace, PoolBackend, Worker, node_stats, pool_args
 from .slow_results import STORE_SECONDS
 
 # One process: the stores must run on the loop of the task that measures it, and the
@@ -52,10 +52,10 @@ def test_slow_result_stores_do_not_stall_the_loop(
         stored = [client.send("add", i, i) for i in range(STORES)]
         assert [r.get(timeout=30) for r in stored] == [2 * i for i in range(STORES)]
         longest_gap = gaps.get(timeout=30)
-        stats = client.app.control.inspect(timeout=5, destination=[node]).stats() or {}
+        stats = node_stats(client.app, node)
     finally:
         client.close()
-    assert stats[node]["pool"]["result-threads"] == result_threads
+    assert stats["pool"]["result-threads"] == result_threads
     store = redis.Redis.from_url(namespace.results_url, decode_responses=True)
     where = [store.hgetall(f"store-thread:{r.id}") for r in stored]
     assert [w["current"] for w in where] == [r.id for r in stored]  # the right current_task

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from .harness import Client, Namespace, PoolBackend, Worker, pool_args
+from .harness import Client, Namespace, PoolBackend, Worker, node_stats, pool_args
 
 pytestmark = pytest.mark.worker
 
@@ -56,8 +56,7 @@ def _publish_roots(client: Client) -> tuple[list[Any], list[tuple[str, str]]]:
 
 def _all_spans(client: Client, worker: Worker) -> tuple[list[dict[str, Any]], list[int]]:
     """Every task process's finished spans (each has its own exporter)."""
-    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
-    pids = set(replies[worker.node]["pool"]["processes"])
+    pids = set(node_stats(client.app, worker.node)["pool"]["processes"])
     finished = client.app.signature("tests.otelapp.finished_spans", args=(0.3,))
     dumps: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + 30

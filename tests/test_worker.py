@@ -9,7 +9,7 @@ import pytest
 from celery import chain, chord, group
 from celery.result import ResultSet
 
-from .harness import Client, PoolBackend, Worker
+from .harness import Client, PoolBackend, Worker, node_stats
 
 pytestmark = pytest.mark.worker
 
@@ -115,8 +115,7 @@ def test_countdown_and_expires(client: Client) -> None:
 def test_inspect_stats_shows_the_pool(
     client: Client, worker: Worker, pool_backend: PoolBackend
 ) -> None:
-    replies = client.app.control.inspect(timeout=5, destination=[worker.node]).stats() or {}
-    pool = replies[worker.node]["pool"]
+    pool = node_stats(client.app, worker.node)["pool"]
     assert pool["implementation"] == "celery_anyio.pool:Pool"
     assert pool["backend"] == pool_backend
     assert pool["max-concurrency"] == 200
