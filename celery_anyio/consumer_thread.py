@@ -50,7 +50,7 @@ class ConsumerThread:
         self._waker: socket.socket | None = None
         self._hub_wakes_itself = False
         self._acks: deque[Callable[[], Any]] = deque()
-        self._send_scheduled = False
+        self._pass_scheduled = False
         #: True while the pool takes a message: the consumer is inside a read.
         self.taking_message = False
 
@@ -83,18 +83,18 @@ class ConsumerThread:
     def queue_ack(self, call: Callable[[], Any]) -> None:
         """Send ``call`` (an ack or reject) from the consumer's thread, soon; any thread."""
         self._acks.append(call)
-        if not self._send_scheduled:  # one pass for a batch; a duplicate is harmless
-            self._send_scheduled = True
-            self._hub.call_soon(self.send_acks)
+        if not self._pass_scheduled:  # one hub pass for a batch; a duplicate is harmless
+            self._schedule_pass()
             self.wake()
 
     def send_acks(self) -> None:
         """On the consumer's thread: send every queued ack and reject, in order, now.
 
-        An error propagates to the caller (from the hub: the consumer's loop, as
-        for Celery's own acks); what is still queued goes out on the next pass.
+        A pass already scheduled on the hub stays scheduled (it finds less to do),
+        so that acks queued meanwhile do not schedule and wake the hub again.  An
+        error propagates to the caller (from the hub: the consumer's loop, as for
+        Celery's own acks); what is still queued goes out on another pass.
         """
-        self._send_scheduled = False  # before draining: a later ack schedules again
         acks = self._acks
         while acks:
             call = acks.popleft()
@@ -102,9 +102,16 @@ class ConsumerThread:
                 call()
             except BaseException:
                 if acks:
-                    self._send_scheduled = True
-                    self._hub.call_soon(self.send_acks)
+                    self._schedule_pass()
                 raise
+
+    def _schedule_pass(self) -> None:
+        self._pass_scheduled = True
+        self._hub.call_soon(self._hub_pass)
+
+    def _hub_pass(self) -> None:
+        self._pass_scheduled = False  # before draining: a later ack schedules again
+        self.send_acks()
 
     def wake(self) -> None:
         """Make the hub take its queued callbacks (acks) now, from any thread."""
