@@ -261,6 +261,23 @@ def wait_until_started(client: Client, key: str, count: int, timeout: float = 10
     raise AssertionError(f"{count} tasks did not start: {tallies(client, key, timeout=0)}")
 
 
+def wait_until_active(client: Client, worker: Worker, task_id: str, timeout: float = 30) -> None:
+    """Wait until ``worker``'s consumer counts ``task_id`` as running (accepted there).
+
+    With ``--processes N`` a task body starts in a task process a moment before the
+    main process handles its report; what the consumer does at a stop depends on the
+    latter.
+    """
+    inspect = client.app.control.inspect(timeout=2, destination=[worker.node])
+    deadline = time.monotonic() + timeout
+    while True:
+        active = (inspect.active() or {}).get(worker.node, [])
+        if any(request["id"] == task_id for request in active):
+            return
+        assert time.monotonic() < deadline, f"{task_id} is not active on {worker.node}"
+        time.sleep(0.05)
+
+
 def key() -> str:
     return f"celery-anyio-test:{uuid.uuid4().hex}"
 

@@ -19,6 +19,7 @@ from .harness import (
     tallies,
     wait_for_count,
     wait_for_log,
+    wait_until_active,
     wait_until_started,
 )
 
@@ -89,6 +90,7 @@ def test_cold_shutdown_redelivers_acks_late_tasks(
         acked = send(client, "counted", early, "x", 30)
         wait_until_started(client, k, n)
         wait_until_started(client, early, 1)
+        wait_until_active(client, worker, acked.id)  # accepted, hence acked, by the consumer
         stopped_at = time.monotonic()
         worker.signal(signal.SIGQUIT)
         worker.wait(EXIT_BOUND)
