@@ -29,6 +29,7 @@ from billiard.compat import mem_rss
 from billiard.einfo import ExceptionInfo
 from celery.app import trace as celery_trace
 from celery.concurrency.prefork import process_destructor, process_initializer
+from celery.worker import state as worker_state
 
 from .ipc import READ_SIZE, BlockingSender, Frames
 from .jobs import Job
@@ -150,8 +151,11 @@ class _Child:
         soft_timeout: float | None,
         timeout: float | None,
         correlation_id: str | None,
+        succeeded_here: bool,
     ) -> None:
         kwargs = {"app": self.app} if target == "trace_task_ret" else {}
+        if succeeded_here:  # a redelivered message the main process saw succeed
+            worker_state.successful_requests.add(correlation_id)
         args = _with_shared_keys(args)
         send = self.link.send
         job = Job(

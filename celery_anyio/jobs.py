@@ -85,11 +85,17 @@ class Job:
     soft_timeout: float | None = None
     timeout: float | None = None
     correlation_id: str | None = None
+    #: The task id Celery deduplicates this job by (``acks_late`` tasks under
+    #: ``worker_deduplicate_successful_tasks``), else None.
+    dedupe_id: str | None = None
+    #: The broker delivered the message again (a lost connection, a dead worker).
+    redelivered: bool = False
     id: int = field(default_factory=lambda: next(_job_ids))
     #: Why the pool stopped the job, once it has (None: it runs its course).
     stop_reason: str | None = None
     started: bool = False
     dropped: bool = False
+    holds_slot: bool = False
     scope: CancelScope | None = None
     thread: ThreadSlot | None = None
 
@@ -144,6 +150,9 @@ class JobRunner:
         self._start_lock = threading.Lock()
         self._loop: LoopThread | None = None
         self._admitted_since_yield = 0
+        #: The job admitted under each dedupe id, and the event set when it has
+        #: ended (loop thread only).
+        self._deliveries: dict[str, tuple[Job, anyio.Event]] = {}
 
     def attach(self, loop: LoopThread) -> None:
         """The loop the jobs run on (its ``admit`` is :meth:`admit`)."""
@@ -222,14 +231,20 @@ class JobRunner:
         """Wait for a free slot (``-c``); the loop admits jobs in arrival order.
 
         A free slot is taken without a checkpoint (a burst of arrivals would pay
-        one per job); the loop yields every ``ADMIT_BATCH`` jobs instead.
+        one per job); the loop yields every ``ADMIT_BATCH`` jobs instead.  A
+        redelivered job whose first delivery is still here takes no slot yet
+        (:meth:`_wait_for_first_delivery`).
         """
+        if job.dedupe_id is not None and not self._track_delivery(job, job.dedupe_id):
+            return
         try:
             self.limiter.acquire_on_behalf_of_nowait(job)
         except anyio.WouldBlock:
             await self.limiter.acquire_on_behalf_of(job)
             self._admitted_since_yield = 0
+            job.holds_slot = True
             return
+        job.holds_slot = True
         self._admitted_since_yield += 1
         if self._admitted_since_yield >= ADMIT_BATCH:
             self._admitted_since_yield = 0
@@ -238,6 +253,8 @@ class JobRunner:
     async def run(self, job: Job) -> None:
         """Run an admitted job and give its slot back."""
         try:
+            if not job.holds_slot:
+                await self._wait_for_first_delivery(job)
             if (
                 job.stop_reason is not None
                 or self._discarding
@@ -251,10 +268,42 @@ class JobRunner:
             finally:
                 self._running -= 1
         finally:
-            self.limiter.release_on_behalf_of(job)
+            if job.holds_slot:
+                self.limiter.release_on_behalf_of(job)
             self._jobs.pop(job.id, None)
+            self._end_delivery(job)
             if self._on_released is not None:
                 self._on_released(job)
+
+    def _track_delivery(self, job: Job, dedupe_id: str) -> bool:
+        """Note the job under its dedupe id; False for a redelivered job that waits."""
+        if dedupe_id not in self._deliveries:
+            self._deliveries[dedupe_id] = (job, anyio.Event())
+            return True
+        return not job.redelivered  # the same id sent twice by a client runs twice, as in Celery
+
+    def _end_delivery(self, job: Job) -> None:
+        if job.dedupe_id is None:
+            return
+        tracked = self._deliveries.get(job.dedupe_id)
+        if tracked is not None and tracked[0] is job:
+            del self._deliveries[job.dedupe_id]
+            tracked[1].set()
+
+    async def _wait_for_first_delivery(self, job: Job) -> None:
+        """Wait, without a slot, until the earlier delivery of this task has ended here.
+
+        A connection lost while it ran took its ack along, so the broker delivers
+        the message again; started now, the copy would run beside it.  Started once
+        it has ended, the copy finds it in ``successful_requests`` and Celery's
+        deduplication skips it (a failed one runs again, as Celery would).
+        """
+        assert job.dedupe_id is not None
+        while (tracked := self._deliveries.get(job.dedupe_id)) is not None:
+            await tracked[1].wait()
+        self._deliveries[job.dedupe_id] = (job, anyio.Event())
+        await self.limiter.acquire_on_behalf_of(job)
+        job.holds_slot = True
 
     def _start(self, job: Job) -> bool:
         with self._start_lock:

@@ -1,11 +1,12 @@
 """Run the result backend's blocking writes in worker threads, off the loop.
 
 Celery's tracer stores every task's state itself (``backend.store_result``,
-``on_chord_part_return``), and for an async task it runs in a bridge greenlet on
-the loop thread: a Redis result backend costs two round trips there per task
-(a GET, then SET and PUBLISH), a database backend a transaction (and Django's
-ORM refuses to run on a thread with a running event loop), and the whole loop
-waits for each.  Wrapping those methods on the backends the tracer uses sends
+``on_chord_part_return``; ``get_task_meta`` for a redelivered task under
+``worker_deduplicate_successful_tasks``), and for an async task it runs in a
+bridge greenlet on the loop thread: a Redis result backend costs two round trips
+there per task (a GET, then SET and PUBLISH), a database backend a transaction
+(and Django's ORM refuses to run on a thread with a running event loop), and the
+whole loop waits for each.  Wrapping those methods on the backends the tracer uses sends
 each call made from a bridge greenlet to :class:`BlockingCallThreads`, and the
 greenlet waits there while other tasks run.  Called from anywhere else (a sync
 task's thread, the consumer), the methods run as before.  The wait is not
@@ -33,7 +34,7 @@ import outcome
 from . import bridge
 from ._backends import BackendModule
 
-BLOCKING_METHODS = ("store_result", "on_chord_part_return")
+BLOCKING_METHODS = ("store_result", "on_chord_part_return", "get_task_meta")
 _MARK = "__celery_anyio_offloaded__"
 
 

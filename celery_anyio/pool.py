@@ -77,6 +77,8 @@ class Pool(BasePool):
             )
         self._async_tasks: dict[str, bool] = {}
         self._shutdown_sent = False
+        conf = self.app.conf if self.app is not None else None
+        self._deduplicates = bool(conf and conf.worker_deduplicate_successful_tasks)
 
     # -- start ----------------------------------------------------------------
 
@@ -158,6 +160,10 @@ class Pool(BasePool):
             timeout=timeout or self.default_timeout,
             correlation_id=correlation_id,
         )
+        if self._deduplicates and request is not None:
+            job.redelivered = bool(request.delivery_info.get("redelivered"))
+            if request.task.acks_late or self.app.conf.task_acks_late:  # the tracer's rule
+                job.dedupe_id = correlation_id
         try:
             if self._group is not None:
                 self._group.submit(job)

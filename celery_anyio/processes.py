@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import select
@@ -41,6 +42,7 @@ import billiard
 from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from celery.exceptions import WorkerLostError
+from celery.worker import state as worker_state
 
 from .child import run_child, target_name
 from .ipc import READ_SIZE, Frames, frame
@@ -126,6 +128,11 @@ class ProcessGroup:
         self._stats_round = 0
         self._revoked: Callable[[Job], bool] = lambda job: False
         self._handling = False  # Celery's callbacks for the children's reports are running
+        #: How many jobs handed to the children run under each dedupe id.
+        self._dedupe_ids: dict[str, int] = {}
+        #: Redelivered jobs waiting for their first delivery to end (see
+        #: JobRunner.wait_for_first_delivery): it runs in one of the children.
+        self._held: dict[str, list[Job]] = {}
 
     # -- start ---------------------------------------------------------------------
 
@@ -328,6 +335,12 @@ class ProcessGroup:
             job = self._queue.popleft()
             if job.stop_reason is not None or self._revoked(job):
                 continue
+            dedupe_id = job.dedupe_id
+            if dedupe_id is not None:
+                if job.redelivered and dedupe_id in self._dedupe_ids:
+                    self._held.setdefault(dedupe_id, []).append(job)
+                    continue
+                self._dedupe_ids[dedupe_id] = self._dedupe_ids.get(dedupe_id, 0) + 1
             child.jobs[job.id] = job
             self._send(
                 child,
@@ -339,6 +352,8 @@ class ProcessGroup:
                 job.soft_timeout,
                 job.timeout,
                 job.correlation_id,
+                # Succeeded in this worker: the child's own deduplication finds it.
+                job.redelivered and job.correlation_id in worker_state.successful_requests,
             )
             child.assigned += 1
             if self.max_tasks_per_child and child.assigned >= self.max_tasks_per_child:
@@ -351,6 +366,22 @@ class ProcessGroup:
         ]
         return max(open_children, key=lambda c: c.free, default=None)
 
+    def _released(self, job: Job) -> None:
+        """``job`` left its child: redelivered copies held for it may go now."""
+        dedupe_id = job.dedupe_id
+        if dedupe_id is None:
+            return
+        left = self._dedupe_ids.pop(dedupe_id) - 1
+        if left:
+            self._dedupe_ids[dedupe_id] = left
+        else:
+            self._queue.extendleft(reversed(self._held.pop(dedupe_id, [])))
+
+    def _drop_held(self) -> int:
+        dropped = sum(len(jobs) for jobs in self._held.values())
+        self._held.clear()
+        return dropped
+
     def _outstanding(self) -> int:
         return sum(len(child.jobs) for child in self._children)
 
@@ -362,14 +393,14 @@ class ProcessGroup:
                     job.stop_reason = "terminated"
                     self._send(child, "terminate", job_id)
                     return
-            for job in self._queue:
+            for job in itertools.chain(self._queue, *self._held.values()):
                 if job.id == job_id:
                     job.stop_reason = "terminated"
 
     def flush(self) -> int:
         """Drop the jobs no child has started (the broker delivers them again)."""
         with self._lock:
-            dropped = len(self._queue)
+            dropped = len(self._queue) + self._drop_held()
             self._queue.clear()
             for child in self._children:
                 waiting = [i for i in child.jobs if i not in child.accepted]
@@ -420,6 +451,7 @@ class ProcessGroup:
             _call(job.timeout_callback, message[2], message[3])
         elif kind == "released":
             del child.jobs[job.id]
+            self._released(job)
             child.accepted.discard(job.id)
             child.reported.discard(job.id)
             self._dispatch()
@@ -458,6 +490,8 @@ class ProcessGroup:
         lost = [job for job in child.jobs.values() if job.id not in child.reported]
         started = [job for job in lost if job.id in child.accepted]
         unstarted = [job for job in lost if job.id not in child.accepted]
+        for job in child.jobs.values():
+            self._released(job)
         child.jobs.clear()
         self._children.remove(child)
         if self._starting:  # the worker fails to start
@@ -494,6 +528,7 @@ class ProcessGroup:
         with self._lock:
             self._stopping = True
             self._queue.clear()
+            self._drop_held()
             for child in self._children:
                 self._send(child, "stop")
         while not self._all_gone():
@@ -507,6 +542,7 @@ class ProcessGroup:
         with self._lock:
             self._stopping = self._cold = True
             self._queue.clear()
+            self._drop_held()
             for child in self._children:
                 self._send(child, "cancel")
         deadline = monotonic() + grace

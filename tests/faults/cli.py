@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    f"{QUICK_VISIBILITY} with --quick)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_TASKS} tasks, faults {', '.join(QUICK)} (a smoke test)")  # fmt: skip
+    p.add_argument("--dedupe", action="store_true",
+                   help="every worker with worker_deduplicate_successful_tasks = True")  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--log-dir", type=Path, help="keep worker and broker logs here")
     p.add_argument("--strict", action="store_true", help="exit 1 if any target is missed")
@@ -87,6 +89,7 @@ def _meta(settings: Settings, faults: list[str]) -> dict[str, Any]:
         "visibility_timeout": settings.visibility,
         "task_seconds": settings.task_seconds,
         "broker": settings.broker,
+        "worker_deduplicate_successful_tasks": settings.dedupe,
     }
 
 
@@ -172,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         stable_url=STABLE_URL,
         root=root,
         log_dir=log_dir,
+        dedupe=args.dedupe,
     )
     meta = _meta(settings, faults)
     print(f"# Fault injection, {meta['date']}, commit {meta['commit']}", flush=True)
     if meta["celery_anyio_uncommitted"]:
         print(f"(celery_anyio has uncommitted changes: {meta['celery_anyio_uncommitted']})")
+    if settings.dedupe:
+        print("(every worker with worker_deduplicate_successful_tasks = True)")
     print(f"load {meta['load_at_start']}, {meta['cpus']} CPUs, {meta['versions']}\n", flush=True)
     results: list[FaultResult] = []
     started = time.monotonic()

@@ -32,6 +32,7 @@ class Settings:
     root: Path  # private brokers' folders
     log_dir: Path
     task_seconds: float = 0.05
+    dedupe: bool = False  # worker_deduplicate_successful_tasks, for every pool
     probe_tasks: int = 20
 
     @property

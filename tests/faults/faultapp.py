@@ -33,6 +33,7 @@ BROKER_ENV = "CELERY_ANYIO_FAULTS_BROKER"
 RESULTS_ENV = "CELERY_ANYIO_FAULTS_RESULTS"
 QUEUE_ENV = "CELERY_ANYIO_FAULTS_QUEUE"
 VISIBILITY_ENV = "CELERY_ANYIO_FAULTS_VISIBILITY"
+DEDUPE_ENV = "CELERY_ANYIO_FAULTS_DEDUPE"
 READY_MARKER = "celery-anyio-faults: ready node="
 DEFAULT_VISIBILITY = 30
 # kombu's sweep of the unacked index runs every interval x throttle seconds.
@@ -45,6 +46,8 @@ TALLY_CONNECTIONS = 50
 BROKER = os.environ.get(BROKER_ENV, "redis://127.0.0.1:6399/0")
 RESULTS = os.environ.get(RESULTS_ENV, "redis://127.0.0.1:6379/14")
 VISIBILITY = int(os.environ.get(VISIBILITY_ENV, DEFAULT_VISIBILITY))
+# --dedupe: Celery skips a redelivered acks_late task that already succeeded.
+DEDUPE = os.environ.get(DEDUPE_ENV) == "1"
 
 
 def transport_options(broker_url: str, visibility: int = VISIBILITY) -> dict[str, Any]:
@@ -78,6 +81,7 @@ def settings(broker_url: str, queue: str, visibility: int = VISIBILITY) -> dict[
         # Left at Celery's default (False): running acks_late tasks are not
         # cancelled when the broker connection is lost.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_deduplicate_successful_tasks": DEDUPE,
     }
 
 

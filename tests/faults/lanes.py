@@ -59,7 +59,7 @@ class Lane:
         s = self.env.settings
         worker = FaultWorker(
             self.pool, self.queue, self.env.worker_url, s.stable_url, self.env.log_dir,
-            s.run_id, s.concurrency, s.visibility, self.loglevel,
+            s.run_id, s.concurrency, s.visibility, self.loglevel, s.dedupe,
         )  # fmt: skip
         self.workers.append(worker)
         self.worker = worker

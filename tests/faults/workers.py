@@ -22,7 +22,14 @@ import psutil
 
 from celery_anyio.worker_process import WorkerExited, WorkerProcess
 
-from .faultapp import BROKER_ENV, QUEUE_ENV, READY_MARKER, RESULTS_ENV, VISIBILITY_ENV
+from .faultapp import (
+    BROKER_ENV,
+    DEDUPE_ENV,
+    QUEUE_ENV,
+    READY_MARKER,
+    RESULTS_ENV,
+    VISIBILITY_ENV,
+)
 from .pools import PoolSpec
 from .procs import on_cleanup, owner_env
 
@@ -51,6 +58,7 @@ class FaultWorker:
         concurrency: int,
         visibility: int,
         loglevel: str = "info",
+        dedupe: bool = False,
     ) -> None:
         self.pool = pool
         self.queue = queue
@@ -60,6 +68,7 @@ class FaultWorker:
         self.concurrency = concurrency
         self.visibility = visibility
         self.loglevel = loglevel
+        self.dedupe = dedupe
         serial = next(_serial)
         self.name = f"{pool.name}-{serial}-{run_id[:6]}"
         self.log_path = log_dir / f"{serial:03d}-{pool.name}.log"
@@ -84,6 +93,7 @@ class FaultWorker:
                 RESULTS_ENV: self.results_url,
                 QUEUE_ENV: self.queue,
                 VISIBILITY_ENV: str(self.visibility),
+                DEDUPE_ENV: "1" if self.dedupe else "0",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
                 "PYTHONUNBUFFERED": "1",
                 **owner_env(self.run_id),

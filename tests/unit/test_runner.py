@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from celery_anyio import _backends, bridge
@@ -134,6 +135,61 @@ def test_flush_drops_what_has_not_started(runner: Any) -> None:
     record.wait(lambda: len(record.released) == 5)  # dropped ones give their slot back too
     assert all(record.of(job) == [] for job in waiting)
     assert all(record.of(job) == ["accepted", "done"] for job in running)
+
+
+def _await_gate(gate: threading.Event) -> str:
+    """An async job that runs until the test opens ``gate``."""
+
+    bridge.await_(anyio.to_thread.run_sync(gate.wait, abandon_on_cancel=True))
+    return "opened"
+
+
+def test_a_redelivered_copy_waits_for_its_first_delivery(runner: Any) -> None:
+    jobs, record = runner[0], runner[2]
+    gate = threading.Event()
+    first = _job(record, _await_gate, gate, dedupe_id="t1")
+    copy = _job(record, _await_sleep, 0, dedupe_id="t1", redelivered=True)
+    other = _job(record, _await_sleep, 0, dedupe_id="t2", redelivered=True)
+    jobs.submit(first)
+    record.wait(lambda: record.of(first) == ["accepted"])
+    jobs.submit(copy)
+    jobs.submit(other)  # another task's copy: nothing to wait for
+    record.wait(lambda: other.id in record.released)
+    assert record.of(copy) == []  # a free slot, and still it waits
+    gate.set()
+    record.wait(lambda: copy.id in record.released)
+    assert [job_id for job_id, what, _ in record.events if job_id != other.id] == [
+        first.id,
+        first.id,
+        copy.id,
+        copy.id,
+    ]
+
+
+def test_the_same_id_sent_twice_runs_twice_at_once(runner: Any) -> None:
+    """Only a redelivered message waits: a client may send an id twice, as in Celery."""
+    jobs, record = runner[0], runner[2]
+    gate = threading.Event()
+    batch = [_job(record, _await_gate, gate, dedupe_id="t1") for _ in range(2)]
+    for job in batch:
+        jobs.submit(job)
+    record.wait(lambda: all(record.of(job) == ["accepted"] for job in batch))
+    gate.set()
+    record.wait(lambda: len(record.released) == 2)
+
+
+def test_a_flushed_copy_is_dropped_after_waiting(runner: Any) -> None:
+    jobs, record = runner[0], runner[2]
+    gate = threading.Event()
+    first = _job(record, _await_gate, gate, dedupe_id="t1")
+    copy = _job(record, _await_sleep, 0, dedupe_id="t1", redelivered=True)
+    jobs.submit(first)
+    record.wait(lambda: record.of(first) == ["accepted"])
+    jobs.submit(copy)
+    assert jobs.flush() == [copy.id]
+    gate.set()
+    record.wait(lambda: len(record.released) == 2)
+    assert record.of(copy) == []
 
 
 def test_a_sync_job_raising_generator_exit_is_an_error_report(runner: Any) -> None:
