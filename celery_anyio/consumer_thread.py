@@ -48,6 +48,7 @@ class ConsumerThread:
         self._hub: Any = None
         self._ident: int | None = None
         self._waker: socket.socket | None = None
+        self._waker_reader: socket.socket | None = None
         self._hub_wakes_itself = False
         self._acks: deque[Callable[[], Any]] = deque()
         self._pass_scheduled = False
@@ -55,7 +56,14 @@ class ConsumerThread:
         self.taking_message = False
 
     def register(self, hub: Any) -> None:
-        """Called by Celery on the consumer's thread, with the worker's hub."""
+        """Called by Celery on the consumer's thread, with the worker's hub.
+
+        Celery calls it again each time its consumer loop starts over, after a
+        lost connection, on a hub it has reset: callbacks queued on the hub may have
+        been dropped with the old connection's (one that raised ends the hub's pass
+        and the rest of its batch), our pass among them.
+        """
+        self._close_waker()
         self._hub = hub
         self._ident = _HUB_THREADS[id(hub)] = threading.get_ident()
         # kombu >= 5.7 wakes its hub for a callback queued from another thread.
@@ -70,8 +78,22 @@ class ConsumerThread:
                     pass
 
         hub.add_reader(reader.fileno(), drain)
-        self._keep = reader  # the hub holds its number only
+        self._waker_reader = reader  # the hub holds its number only
         self._waker = writer
+        self._pass_scheduled = False
+        if self._acks:
+            self._schedule_pass()
+
+    def _close_waker(self) -> None:
+        reader, writer = self._waker_reader, self._waker
+        self._waker_reader = self._waker = None
+        if reader is not None:
+            if self._hub is not None:
+                with contextlib.suppress(Exception):
+                    self._hub.remove(reader.fileno())
+            reader.close()
+        if writer is not None:
+            writer.close()
 
     @property
     def has_hub(self) -> bool:

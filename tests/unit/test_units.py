@@ -237,6 +237,25 @@ def test_an_ack_that_fails_propagates_and_leaves_the_rest_for_the_next_pass(
     assert sent == ["next"]
 
 
+def test_a_pass_the_hub_dropped_is_scheduled_again_when_the_consumer_loop_restarts(
+    hub: Hub, consumer_thread: ConsumerThread
+) -> None:
+    """A callback that raises ends the hub's pass and drops the rest of its batch;
+    Celery then resets the hub, reconnects and registers the pool again."""
+    sent: list[str] = []
+    consumer_thread.queue_ack(lambda: sent.append("a"))
+    hub._pop_ready()  # dropped with the old connection's callbacks
+    consumer_thread.queue_ack(lambda: sent.append("b"))
+    assert _hub_pass(hub) == 0  # a pass is thought to be on its way: none is
+    hub.reset()
+    consumer_thread.register(hub)
+    assert _hub_pass(hub) == 1
+    assert sent == ["a", "b"]
+    consumer_thread.queue_ack(lambda: sent.append("c"))
+    assert _hub_pass(hub) == 1  # and the next ack schedules a pass again
+    assert sent == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("celery_method", ["call_soon_ack", "call_soon"])
 def test_only_acks_of_this_pools_jobs_take_the_consumer_threads_queue(
     celery_method: str, consumer_thread: ConsumerThread
