@@ -233,7 +233,7 @@ class JobRunner:
         A free slot is taken without a checkpoint (a burst of arrivals would pay
         one per job); the loop yields every ``ADMIT_BATCH`` jobs instead.  A
         redelivered job whose first delivery is still here takes no slot yet
-        (:meth:`_wait_for_first_delivery`).
+        (:meth:`_take_slot_after_first_delivery`).
         """
         if job.dedupe_id is not None and not self._track_delivery(job, job.dedupe_id):
             return
@@ -254,7 +254,7 @@ class JobRunner:
         """Run an admitted job and give its slot back."""
         try:
             if not job.holds_slot:
-                await self._wait_for_first_delivery(job)
+                await self._take_slot_after_first_delivery(job)
             if (
                 job.stop_reason is not None
                 or self._discarding
@@ -290,7 +290,7 @@ class JobRunner:
             del self._deliveries[job.dedupe_id]
             tracked[1].set()
 
-    async def _wait_for_first_delivery(self, job: Job) -> None:
+    async def _take_slot_after_first_delivery(self, job: Job) -> None:
         """Wait, without a slot, until the earlier delivery of this task has ended here.
 
         A connection lost while it ran took its ack along, so the broker delivers
@@ -298,10 +298,11 @@ class JobRunner:
         it has ended, the copy finds it in ``successful_requests`` and Celery's
         deduplication skips it (a failed one runs again, as Celery would).
         """
-        assert job.dedupe_id is not None
-        while (tracked := self._deliveries.get(job.dedupe_id)) is not None:
-            await tracked[1].wait()
-        self._deliveries[job.dedupe_id] = (job, anyio.Event())
+        dedupe_id = job.dedupe_id
+        if dedupe_id is not None:
+            while (tracked := self._deliveries.get(dedupe_id)) is not None:
+                await tracked[1].wait()
+            self._deliveries[dedupe_id] = (job, anyio.Event())
         await self.limiter.acquire_on_behalf_of(job)
         job.holds_slot = True
 

@@ -130,8 +130,8 @@ class ProcessGroup:
         self._handling = False  # Celery's callbacks for the children's reports are running
         #: How many jobs handed to the children run under each dedupe id.
         self._dedupe_ids: dict[str, int] = {}
-        #: Redelivered jobs waiting for their first delivery to end (see
-        #: JobRunner.wait_for_first_delivery): it runs in one of the children.
+        #: Redelivered jobs waiting for their first delivery, which runs in one of
+        #: the children, to end (as in JobRunner._take_slot_after_first_delivery).
         self._held: dict[str, list[Job]] = {}
 
     # -- start ---------------------------------------------------------------------
