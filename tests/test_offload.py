@@ -10,8 +10,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from celery_anyio import _backends
-from celery_anyio.offload import BlockingCallThreads
+from celery_anyio import _backends, bridge
+from celery_anyio.offload import BlockingCallThreads, offload_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +75,35 @@ async def test_without_the_service_calls_run_inline(anyio_backend_name: str) -> 
     assert await threads.call(lambda: threading.current_thread().name) == (
         threading.current_thread().name
     )
+
+
+class _Backend:
+    """The result backend's blocking methods, each answering where it ran."""
+
+    def store_result(self) -> str:
+        return threading.current_thread().name
+
+    def on_chord_part_return(self) -> str:
+        return threading.current_thread().name
+
+    def get_task_meta(self) -> str:  # Celery's deduplication reads it for a redelivered task
+        return threading.current_thread().name
+
+
+async def test_the_backends_blocking_methods_leave_the_loop_from_a_tracer(
+    anyio_backend_name: str,
+) -> None:
+    threads = _threads(anyio_backend_name)
+    backend = _Backend()
+    assert offload_backend(backend, threads)
+    assert not offload_backend(backend, threads)  # wrapped once
+    here = threading.current_thread().name
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(threads.serve)
+        await anyio.wait_all_tasks_blocked()
+        for name in ("store_result", "on_chord_part_return", "get_task_meta"):
+            method = getattr(backend, name)
+            traced = await bridge.run_bridged_outcome(method)  # as the tracer calls it
+            assert traced.unwrap() == "test-results-0", name
+            assert method() == here, name  # outside a tracer: as before
+        tg.cancel_scope.cancel()
