@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
@@ -49,6 +50,27 @@ def _sessions(database: str, app_name: str) -> list[int]:
     return [int(pid) for (pid,) in rows]
 
 
+def _describe(database: str, pid: int) -> str:
+    """A session left open, with what it last ran: which code path opened it."""
+    with psycopg.connect(ADMIN, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT client_port, state, backend_start, state_change, left(query, 200)"
+            " FROM pg_stat_activity WHERE datname = %s AND pid = %s",
+            (database, pid),
+        ).fetchone()
+    if row is None:
+        return f"session {pid}: gone"
+    owner = next(
+        (
+            f"process {c.pid} (child of {psutil.Process(c.pid).ppid()})"
+            for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == row[0] and c.pid
+        ),
+        "an unknown process",
+    )
+    return f"session {pid} of {owner}: {row[1:]}"
+
+
 def _terminate(database: str, app_name: str) -> None:
     with psycopg.connect(ADMIN, autocommit=True) as admin:
         admin.execute(
@@ -80,12 +102,12 @@ class Project:
     def send(self, task: str, *args: Any) -> str:
         return str(self.client.app.send_task(f"{APP}.notes.tasks.{task}", args=args).id)
 
-    def settle(self, timeout: float = 30) -> list[int]:
-        """Wait until the worker holds no database session; return what is left."""
+    def settle(self, timeout: float = 30) -> list[str]:
+        """Wait until the worker holds no database session; describe what is left."""
         deadline = time.monotonic() + timeout
         while (left := _sessions(self.database, self.app_name)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        return left
+        return [_describe(self.database, pid) for pid in left]
 
 
 def _worker(
