@@ -254,9 +254,22 @@ def count(
             row.notes.append("no task started after the fault completed")
     if fault_at is not None:
         runs = lane.tally.first_runs()
-        running = sum(1 for started, ended in runs.values() if started < fault_at < ended)
+        spans = sorted(
+            ended - started for started, ended in runs.values() if started < fault_at < ended
+        )
+        running = len(spans)
         row.extra["running_at_fault"] = running
-        row.notes.append(f"{running} running when the fault came")
+        if spans:
+            # Far above the task's own time: the bodies waited (on the loop, the GIL).
+            row.extra["running_at_fault_body_p50_s"] = round(spans[len(spans) // 2], 3)
+            every = sorted(ended - started for started, ended in runs.values())
+            row.notes.append(
+                f"{running} running when the fault came (their bodies took "
+                f"{spans[len(spans) // 2]:.2f}s p50, {spans[-1]:.2f}s max; every first "
+                f"run's body {every[len(every) // 2]:.2f}s p50, {every[-1]:.2f}s max)"
+            )
+        else:
+            row.notes.append("0 running when the fault came")
     if fault_at is not None and row.twice:
         ends = lane.tally.first_ends()
         before = sorted(fault_at - ends[m] for m, n in counts.items() if n >= 2 and m in ends)
