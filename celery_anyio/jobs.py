@@ -46,6 +46,7 @@ from celery.worker import state as worker_state
 from . import bridge, outcomes
 from ._backends import BackendModule
 from .context import job_identity
+from .pacing import StartPacer
 from .softlimit import await_with_soft_limit
 from .threads import ThreadInterrupted, ThreadSlot
 
@@ -133,16 +134,19 @@ class JobRunner:
         after_report: Callable[[], None] = lambda: None,
         on_released: Callable[[Job], None] | None = None,
         wrap_body: Callable[[Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]] | None = None,
+        pacer: StartPacer | None = None,
     ) -> None:
         """``after_report`` runs after each job's outcome is reported, ``on_released``
         when a job has given its slot back (however it ended, even unstarted);
-        ``wrap_body`` wraps each async body before it is awaited (Django)."""
+        ``wrap_body`` wraps each async body before it is awaited (Django);
+        ``pacer`` holds jobs back while the loop cannot keep up."""
         self.limiter = CapacityLimiter(concurrency)
         self.thread_limiter = CapacityLimiter(thread_limit)
         self.backend = backend
         self._after_report = after_report
         self._on_released = on_released
         self._wrap_body = wrap_body
+        self._pacer = pacer
         self._jobs: dict[int, Job] = {}
         self._running = 0
         self._discarding = False
@@ -231,12 +235,16 @@ class JobRunner:
         """Wait for a free slot (``-c``); the loop admits jobs in arrival order.
 
         A free slot is taken without a checkpoint (a burst of arrivals would pay
-        one per job); the loop yields every ``ADMIT_BATCH`` jobs instead.  A
-        redelivered job whose first delivery is still here takes no slot yet
+        one per job); the loop yields every ``ADMIT_BATCH`` jobs instead.  While
+        the loop cannot keep up, jobs wait for the pacer first
+        (:mod:`celery_anyio.pacing`), unstarted.  A redelivered job whose first
+        delivery is still here takes no slot yet
         (:meth:`_take_slot_after_first_delivery`).
         """
         if job.dedupe_id is not None and not self._track_delivery(job, job.dedupe_id):
             return
+        if self._pacer is not None and not job.dropped:  # a dropped job only passes by
+            await self._pacer.wait_turn()
         try:
             self.limiter.acquire_on_behalf_of_nowait(job)
         except anyio.WouldBlock:

@@ -625,6 +625,7 @@ class ProcessGroup:
                         "completed": c.completed,
                         "retiring": c.retiring,
                         "loop-lag-ms": (c.stats or {}).get("loop-lag-ms"),
+                        "start-pacing": (c.stats or {}).get("start-pacing"),
                     }
                     for c in live
                 ],

@@ -16,6 +16,7 @@ from .django_tasks import DjangoTasks
 from .jobs import Job, JobRunner, describe_frame
 from .loop import LoopThread
 from .offload import BlockingCallThreads, offload_app_backends
+from .pacing import StartPacer
 from .receivers import WorkerLoop
 from .settings import PoolSettings
 from .watchdog import LoopMonitor
@@ -42,6 +43,9 @@ class TaskRuntime:
         self.settings = settings
         self.backend = settings.backend
         django = DjangoTasks.of(app)
+        self.pacer = pacer = (
+            StartPacer(settings.start_pacing) if settings.start_pacing > 0 else None
+        )
         self.runner = JobRunner(
             concurrency,
             settings.threads_for(concurrency),
@@ -51,8 +55,9 @@ class TaskRuntime:
             wrap_body=django.wrap_body
             if django is not None and self.backend == "asyncio"
             else None,
+            pacer=pacer,
         )
-        self.monitor = LoopMonitor(settings.block_warning, describe_frame)
+        self.monitor = LoopMonitor(settings.block_warning, describe_frame, pacer)
         self.result_threads = (
             BlockingCallThreads(
                 settings.result_threads,
@@ -128,4 +133,5 @@ class TaskRuntime:
             **self.runner.stats(),
             "result-threads": self.result_threads.threads if self.result_threads else 0,
             "loop-lag-ms": self.monitor.stats(),
+            "start-pacing": self.pacer.stats() if self.pacer is not None else "off",
         }

@@ -20,6 +20,7 @@ BLOCK_WARNING = "worker_anyio_block_warning"
 RESULT_THREADS = "worker_anyio_result_threads"
 LIFESPAN = "worker_anyio_lifespan"
 PROCESSES = "worker_anyio_processes"
+START_PACING = "worker_anyio_start_pacing"
 
 DEFAULT_BACKEND = "asyncio"
 # Sync tasks' threads follow -c up to this many: more threads than that only
@@ -29,6 +30,9 @@ DEFAULT_BLOCK_WARNING = 0.1
 # One store at a time is a queue that every async task's ack waits in when the
 # consumer keeps the GIL busy (RabbitMQ); idle threads cost nothing.
 DEFAULT_RESULT_THREADS = 4
+# Loop lag (seconds) past which no new task starts until the loop has caught up:
+# well above the lag of a loop that only contends for the GIL (its switch interval).
+DEFAULT_START_PACING = 0.02
 
 
 class SettingError(ValueError):
@@ -48,6 +52,8 @@ class PoolSettings:
     lifespan: Any = None
     #: Task processes; 1 runs the tasks in the worker process itself.
     processes: int = 1
+    #: Loop lag that holds new tasks back (:mod:`celery_anyio.pacing`); 0: never.
+    start_pacing: float = DEFAULT_START_PACING
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any] | None) -> PoolSettings:
@@ -60,6 +66,7 @@ class PoolSettings:
             result_threads=_count(conf, RESULT_THREADS, minimum=0, default=DEFAULT_RESULT_THREADS),
             lifespan=conf.get(LIFESPAN) or None,
             processes=processes_of(conf.get(PROCESSES)),
+            start_pacing=_seconds(conf, START_PACING, DEFAULT_START_PACING),
         )
 
     def threads_for(self, concurrency: int) -> int:

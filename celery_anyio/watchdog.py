@@ -23,6 +23,8 @@ from types import FrameType
 
 import anyio
 
+from .pacing import StartPacer
+
 logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.05
@@ -33,10 +35,15 @@ class LoopMonitor:
     """Loop lag statistics and the blocked-loop warning."""
 
     def __init__(
-        self, block_warning: float, task_in_stack: Callable[[FrameType], str | None]
+        self,
+        block_warning: float,
+        task_in_stack: Callable[[FrameType], str | None],
+        pacer: StartPacer | None = None,
     ) -> None:
-        """``task_in_stack(frame)`` names the task whose code runs in that stack."""
+        """``task_in_stack(frame)`` names the task whose code runs in that stack;
+        ``pacer`` hears each tick's lag."""
         self.block_warning = block_warning
+        self._pacer = pacer
         self._task_in_stack = task_in_stack
         self._lags: deque[float] = deque(maxlen=SAMPLES)
         self.max_lag = 0.0
@@ -59,6 +66,8 @@ class LoopMonitor:
                 await self.tick()
         finally:
             self._stopped.set()
+            if self._pacer is not None:
+                self._pacer.stop()
 
     async def tick(self) -> None:
         started = monotonic()
@@ -69,6 +78,8 @@ class LoopMonitor:
         self._last_tick = now
         self._lags.append(lag)
         self.max_lag = max(self.max_lag, lag)
+        if self._pacer is not None:
+            self._pacer.on_tick(lag, now + TICK_SECONDS)
         # Every tick takes the samples: a lag too short to report must not leave
         # its samples (of another task, perhaps) to the next one that is.
         samples, self._samples = self._samples, []

@@ -13,8 +13,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
 
 from .workerapp import _tally, app
+
+logger = get_task_logger(__name__)
 
 __all__ = ["app"]
 
@@ -188,6 +191,14 @@ async def unpicklable_error() -> None:
 @app.task
 async def blocker(seconds: float) -> str:
     time.sleep(seconds)  # noqa: ASYNC251 - the mistake this test is about
+    return "blocked"
+
+
+@app.task(bind=True)
+async def announced_blocker(self: Any, seconds: float) -> str:
+    """Blocks its loop, after a log line that says so (the test waits for it)."""
+    logger.warning("blocking the loop now: %s", self.request.id)
+    time.sleep(seconds)  # noqa: ASYNC251 - holds the loop on purpose
     return "blocked"
 
 

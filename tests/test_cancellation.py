@@ -214,6 +214,24 @@ def test_a_task_that_blocks_the_loop_is_named_in_a_warning(
     assert limits.app.signature("tests.workerapp.add", args=(1, 1)).delay().get(timeout=30) == 2
 
 
+def test_tasks_that_arrive_while_the_loop_is_blocked_start_once_it_has_caught_up(
+    limits: Client, limits_worker: Worker, pool_backend: PoolBackend
+) -> None:
+    """Start pacing in a real worker: the tasks wait unstarted, then all run."""
+    # One blocker per task process (the main process gives each the next job).
+    blockers = [send(limits, "announced_blocker", 1.5) for _ in range(pool_backend.processes)]
+    for blocker in blockers:
+        wait_for_log(limits_worker, rf"blocking the loop now: {blocker.id}", timeout=30)
+    tally = key()
+    arrivals = [send(limits, "counted", tally, str(i), 0.01) for i in range(20)]
+    assert [result.get(timeout=30) for result in arrivals] == [str(i) for i in range(20)]
+    assert [blocker.get(timeout=30) for blocker in blockers] == ["blocked"] * len(blockers)
+    pool = node_stats(limits.app, limits_worker.node)["pool"]
+    pacing = [child["start-pacing"] for child in pool.get("children") or [pool]]
+    assert sum(each["held"] for each in pacing) >= 1, pacing
+    assert sum(each["late-ticks"] for each in pacing) >= 1, pacing
+
+
 @pytest.mark.parametrize("broker", ["redis"], scope="session")
 def test_several_leaves_round_trip_through_the_pickle_serializer(
     namespace: Namespace, pool_backend: PoolBackend
