@@ -27,6 +27,7 @@ from benchmarks.cases import (
     QUEUE_ENV,
     READY_MARKER,
     RESULTS_ENV,
+    START_PACING_ENV,
 )
 
 # ``worker_anyio_result_threads`` (0: results stored on the loop thread), to compare.
@@ -48,6 +49,8 @@ if os.environ.get(BACKEND_OPTIONS_ENV):
     app.conf.worker_anyio_backend_options = json.loads(os.environ[BACKEND_OPTIONS_ENV])
 if os.environ.get(RESULT_THREADS_ENV):
     app.conf.worker_anyio_result_threads = int(os.environ[RESULT_THREADS_ENV])
+if os.environ.get(START_PACING_ENV):
+    app.conf.worker_anyio_start_pacing = float(os.environ[START_PACING_ENV])
 
 logger = logging.getLogger("celery_anyio.bench")
 

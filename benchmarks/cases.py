@@ -13,6 +13,7 @@ RESULTS_ENV = "CELERY_ANYIO_BENCH_RESULTS"
 QUEUE_ENV = "CELERY_ANYIO_BENCH_QUEUE"
 CONCURRENCY_ENV = "CELERY_ANYIO_BENCH_CONCURRENCY"
 BACKEND_OPTIONS_ENV = "CELERY_ANYIO_BENCH_BACKEND_OPTIONS"  # JSON, worker_anyio_backend_options
+START_PACING_ENV = "CELERY_ANYIO_BENCH_START_PACING"  # worker_anyio_start_pacing
 READY_MARKER = "celery-anyio-bench: worker ready. ts="  # then the worker's time.time()
 PEERS = ("taskiq", "saq")  # other task queues on the same Redis, for reference
 
@@ -76,6 +77,8 @@ class Config:
     processes: int = 1
     workers: int = 1
     prefetch: int | None = None  # the prefetch multiplier, when not the default
+    #: celery_anyio's ``worker_anyio_start_pacing``, when not the default (0: off).
+    start_pacing: float | None = None
 
     @property
     def system(self) -> str:
@@ -96,6 +99,8 @@ class Config:
             text = f"anyio-{self.backend} -c {self.concurrency}"
             if self.processes > 1:
                 text += f" --processes {self.processes}"
+            if self.start_pacing is not None:
+                text += f" (start pacing {self.start_pacing:g})"
         elif self.system != "celery":
             per = "--max-async-tasks" if self.pool == "taskiq" else "concurrency"
             text = f"{self.pool} --workers {self.processes} ({per} {self.concurrency})"
@@ -132,5 +137,18 @@ class Config:
         return [*args, "--prefetch-multiplier", str(self.prefetch_multiplier)]
 
 
-def anyio(backend: str, concurrency: int, processes: int = 1, workers: int = 1) -> Config:
-    return Config(ANYIO_POOL, concurrency, backend, processes=processes, workers=workers)
+def anyio(
+    backend: str,
+    concurrency: int,
+    processes: int = 1,
+    workers: int = 1,
+    start_pacing: float | None = None,
+) -> Config:
+    return Config(
+        ANYIO_POOL,
+        concurrency,
+        backend,
+        processes=processes,
+        workers=workers,
+        start_pacing=start_pacing,
+    )

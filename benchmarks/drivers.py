@@ -31,6 +31,7 @@ from .cases import (
     CONCURRENCY_ENV,
     QUEUE_ENV,
     RESULTS_ENV,
+    START_PACING_ENV,
     Config,
     Task,
 )
@@ -71,6 +72,7 @@ class Driver:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(BACKEND_OPTIONS_ENV, None)
+        env.pop(START_PACING_ENV, None)
         env.update(
             {
                 BROKER_ENV: self.broker_url,
@@ -154,6 +156,8 @@ class CeleryDriver(Driver):
         env = super().env()
         if self.config.backend == "uvloop":
             env[BACKEND_OPTIONS_ENV] = json.dumps({"use_uvloop": True})
+        if self.config.start_pacing is not None:
+            env[START_PACING_ENV] = str(self.config.start_pacing)
         return env
 
     def task_name(self, kind: str) -> str:

@@ -118,8 +118,32 @@ def quick_profile(n: int) -> Profile:
     return profile
 
 
+def pacing_profile(n: int) -> Profile:
+    """celery_anyio with its start pacing and without, interleaved, beside threads."""
+    profile = Profile(3, LatencyPlan(500, 3.0), 6.0, 1500)
+    cases = [
+        anyio(b, 500, processes=p, start_pacing=pacing)
+        for p in (1, 2)
+        for b in ("asyncio", "trio")
+        for pacing in (None, 0.0)
+    ]
+    for workload in (
+        Workload("noop", n),
+        Workload("io", n, io_seconds=IO_SECONDS),
+        Workload("mixed", n, io_seconds=IO_SECONDS, cpu_ms=5.0, cpu_every=10),
+    ):
+        profile.add(workload, *cases, stock(500))
+    # Every task in flight at once: pacing must not hold back tasks that only wait.
+    held = [
+        anyio(b, 2 * n, start_pacing=pacing) for b in ("asyncio", "trio") for pacing in (None, 0.0)
+    ]
+    profile.add(Workload("inflight", 2 * n, io_seconds=10.0, hold=True), *held)
+    return profile
+
+
 PROFILES = {"full": (full_profile, 5000), "processes": (processes_profile, 5000)}
 PROFILES["quick"] = (quick_profile, 1000)
+PROFILES["pacing"] = (pacing_profile, 5000)
 
 
 def total_concurrency(config: Config) -> int:
