@@ -31,7 +31,7 @@ STARTS_PER_TICK = 64
 class StartPacer:
     """The budget of job starts, refilled by each on-time tick (loop thread only).
 
-    Without ticks (no monitor running) the budget is never spent: see ``enabled``.
+    Without ticks (no monitor running) it holds nothing back: see ``enabled``.
     """
 
     def __init__(self, busy_lag: float, starts_per_tick: int = STARTS_PER_TICK) -> None:
@@ -72,7 +72,6 @@ class StartPacer:
         """Return when a job may start; wait for an on-time tick if the budget is
         spent or the next tick is already late."""
         if not self.enabled:
-            self._budget -= 1
             return
         if self._budget > 0 and monotonic() - self._next_tick_due >= self.busy_lag:
             self._budget = 0
